@@ -1,0 +1,3 @@
+"""wsss: weakly-supervised semantic segmentation with LayerCAM."""
+
+__version__ = "0.1.0"

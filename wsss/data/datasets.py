@@ -1,0 +1,87 @@
+"""Torch datasets over a VOC layout. Items are dicts keyed by name; ``id`` is always present."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wsss.data.transforms import to_tv
+from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.errors import DataError
+from wsss.io import read_image, read_label_png
+
+
+class ClassificationDataset(Dataset):
+    """``{"id", "image" (3,h,w) float, "labels" (20,) float}`` for training the classifier."""
+
+    def __init__(self, layout: VOCLayout, ids: list[str], labels: ImageLabels, transform: Callable):
+        self.layout, self.ids, self.labels, self.transform = layout, ids, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = self.transform(*to_tv(read_image(self.layout.image_path(image_id))))
+        return {"id": image_id, "image": image, "labels": torch.from_numpy(self.labels(image_id))}
+
+
+class SegmentationDataset(Dataset):
+    """``{"id", "image" (3,h,w) float, "mask" (h,w) int64}``; masks come from ``mask_dir``
+    (GT, or any method's pseudo-labels), checked against the image size."""
+
+    def __init__(self, layout: VOCLayout, ids: list[str], mask_dir, transform: Callable):
+        from pathlib import Path
+
+        self.layout, self.ids, self.mask_dir, self.transform = layout, ids, Path(mask_dir), transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_image(self.layout.image_path(image_id))
+        mask_path = self.mask_dir / f"{image_id}.png"
+        mask = read_label_png(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}")
+        image_t, mask_t = self.transform(*to_tv(image, mask))
+        return {"id": image_id, "image": image_t, "mask": mask_t.long()}
+
+
+class ImageDataset(Dataset):
+    """Full-size images for predict stages: ``{"id", "image" (3,H,W) float normalised, "size" (H, W),
+    "labels" (20,) float}`` (labels only when an ``ImageLabels`` is given)."""
+
+    def __init__(self, layout: VOCLayout, ids: list[str], transform: Callable, labels: ImageLabels | None = None):
+        self.layout, self.ids, self.transform, self.labels = layout, ids, transform, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = read_image(self.layout.image_path(image_id))
+        item = {"id": image_id, "image": self.transform(*to_tv(image)), "size": tuple(image.shape[:2])}
+        if self.labels is not None:
+            item["labels"] = torch.from_numpy(self.labels(image_id))
+        return item
+
+
+def collate_list(batch: list[dict]) -> dict:
+    """Collate images of different sizes: tensors are kept as lists, except equal-shaped ones."""
+    out: dict = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+def labels_to_class_ids(labels: torch.Tensor | np.ndarray) -> list[int]:
+    """Multi-hot (20,) → 0-based class indices present."""
+    return [int(i) for i in np.flatnonzero(np.asarray(labels) > 0.5)]

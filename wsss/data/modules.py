@@ -1,0 +1,168 @@
+"""Lightning DataModules. Their typed ``__init__`` signatures are the ``data:`` config sections."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from wsss.data import resolve_data_root
+from wsss.data.datasets import ClassificationDataset, SegmentationDataset
+from wsss.data.transforms import eval_transform, fit_transform, train_transform
+from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Images with image-level labels for training the classifier.
+
+    Args:
+        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset.
+        train_split: split name under ImageSets/Segmentation, or a list file path.
+        val_split: as ``train_split``; validation measures mAP / F1 on it.
+        labels: image-level label source: ``auto`` (Annotations/ if present, else masks),
+            ``annotations``, ``masks``, or a path to an IRN-style ``cls_labels.npy``.
+        crop_size: training crop (and validation canvas) side in pixels.
+        scale_range: random rescale factors for training.
+        color_jitter: brightness/contrast/saturation jitter strength (0 disables).
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        root: str = "toy",
+        train_split: str = "train_aug",
+        val_split: str = "val",
+        labels: str = "auto",
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.7, 1.3),
+        color_jitter: float = 0.3,
+        batch_size: int = 16,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: ClassificationDataset | None = None
+        self.val_set: ClassificationDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        layout = VOCLayout(resolve_data_root(hp.root))
+        labels = ImageLabels(layout, hp.labels)
+        # Validate everything up front, so a bad dataset fails before the first step, not hours in.
+        train_ids, val_ids = layout.read_ids(hp.train_split), layout.read_ids(hp.val_split)
+        for ids in (train_ids, val_ids):
+            layout.check_images(ids)
+            labels.check(ids)
+        log.info("classifier data: %s, %d train / %d val images, labels from %s", layout.root, len(train_ids), len(val_ids), labels.description)
+        self.train_set = ClassificationDataset(layout, train_ids, labels, train_transform(hp.crop_size, tuple(hp.scale_range), True, hp.color_jitter))
+        self.val_set = ClassificationDataset(layout, val_ids, labels, fit_transform(hp.crop_size))
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset, batch_size=hp.batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @property
+    def data_root(self) -> Path:
+        return resolve_data_root(self.hparams.root)
+
+
+GT_LABELS = "gt"  # ``train_labels`` value meaning "the dataset's own GT masks" (the upper bound)
+
+
+def _name_ids(ids: list[str], limit: int = 10) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Images with dense labels for training the segmenter; GT masks for validation.
+
+    Args:
+        train_labels: directory of ``<id>.png`` label maps to train on (pseudo-labels of any
+            method, values 0..20 or 255), or ``gt`` for the dataset's GT masks (the fully
+            supervised upper bound).
+        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset.
+        train_split: split name under ImageSets/Segmentation, or a list file path.
+        val_split: as ``train_split``; validation scores mIoU on full-size images against the GT
+            masks (SegmentationClassAug if present, else SegmentationClass).
+        crop_size: training crop side; 8k+1 (321) aligns the stride-8 logits with pixels.
+        scale_range: random rescale factors for training (DeepLab's 0.5..1.5).
+        flip: random horizontal flips in training.
+        color_jitter: brightness/contrast/saturation jitter strength (0, DeepLab's choice, disables).
+        batch_size: training images per batch (per process under DDP); validation uses 1.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_labels: str,
+        root: str = "toy",
+        train_split: str = "train_aug",
+        val_split: str = "val",
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        flip: bool = True,
+        color_jitter: float = 0.0,
+        batch_size: int = 10,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: SegmentationDataset | None = None
+        self.val_set: SegmentationDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        layout = VOCLayout(resolve_data_root(hp.root))
+        # Validate lists, images and label files up front, so a bad input fails before the first
+        # step. Label *values* are checked as each PNG is read (read_label_png names the file).
+        val_ids = layout.read_ids(hp.val_split)
+        layout.check_images(val_ids)
+        layout.check_masks(val_ids)
+        if stage in ("validate", "test"):
+            self.val_set = SegmentationDataset(layout, val_ids, layout.mask_dir, eval_transform())
+            return
+        train_ids = layout.read_ids(hp.train_split)
+        layout.check_images(train_ids)
+        label_dir = layout.mask_dir if str(hp.train_labels) == GT_LABELS else Path(hp.train_labels).expanduser()
+        if not label_dir.is_dir():
+            raise DataError(f"train_labels directory not found: {label_dir} (give a folder of <id>.png pseudo-labels, or 'gt')")
+        missing = [i for i in train_ids if not (label_dir / f"{i}.png").is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(train_ids)} '{hp.train_split}' ids have no label PNG in {label_dir}: {_name_ids(missing)}"
+            )
+        log.info("segmentation data: %s, %d train images labelled by %s / %d val images", layout.root, len(train_ids), label_dir, len(val_ids))
+        transform = train_transform(hp.crop_size, tuple(hp.scale_range), hp.flip, hp.color_jitter)
+        self.train_set = SegmentationDataset(layout, train_ids, label_dir, transform)
+        self.val_set = SegmentationDataset(layout, val_ids, layout.mask_dir, eval_transform())
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.train_set, batch_size=hp.batch_size, shuffle=True, drop_last=True, num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # Batch 1: validation images keep their own sizes (no resize, no padding into the score).
+        hp = self.hparams
+        return DataLoader(self.val_set, batch_size=1, shuffle=False, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)

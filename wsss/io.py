@@ -1,0 +1,146 @@
+"""File plumbing shared by every stage: safe reads with clear errors, atomic writes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wsss.classes import IGNORE_INDEX, NUM_LABELS, voc_palette
+from wsss.errors import DataError
+
+# Refuse images whose decoded size would take more than this many pixels (~ 8k x 8k is 64 MP);
+# PIL's own bomb check only warns below 179 MP.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it over ``final`` only if the block succeeds.
+
+    Readers therefore see either no file or a complete one, even after SIGKILL.
+    ``suffix`` lets writers that insist on an extension (``np.savez`` adds ``.npz``) keep it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty (0 bytes)")
+        image = Image.open(path)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"{path}: image is {image.width}x{image.height}, more than the {MAX_IMAGE_PIXELS:,} pixels "
+                "this pipeline accepts; downscale it first"
+            )
+        image.load()  # decode now so truncation is reported here, not deep inside a transform
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB image as (H, W, 3) uint8; grayscale, CMYK, palette and RGBA images are converted."""
+    image = _open_image(Path(path))
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # RGBA: alpha dropped; CMYK/L/P: colour-converted
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
+    """Label map (index or palette PNG) as (H, W) uint8, values 0..20 or 255.
+
+    Palette PNGs are read by index (their colours are ignored); an RGB PNG is refused because
+    its colours would have to be guessed back into labels.
+    """
+    path = Path(path)
+    image = _open_image(path)
+    if image.mode not in ("P", "L", "I", "I;16"):
+        raise DataError(f"{path}: label PNG must be a palette or single-channel image, got mode {image.mode}")
+    labels = np.asarray(image)
+    if check_values:
+        bad = np.setdiff1d(np.unique(labels), [*range(NUM_LABELS), IGNORE_INDEX])
+        if bad.size:
+            raise DataError(f"{path}: label values outside 0..{NUM_LABELS - 1} and {IGNORE_INDEX}: {bad[:10].tolist()}")
+    return labels.astype(np.uint8)
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> None:
+    """Write a (H, W) uint8 label map as a VOC-palette PNG, atomically."""
+    image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    image.putpalette(voc_palette())
+    with atomic_path(path, ".png") as tmp:
+        image.save(tmp, format="PNG")
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write arrays to ``path`` (a ``.npz``), atomically."""
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
+    """True when ``path`` is a complete .npz holding ``keys`` (used to skip finished work)."""
+    try:
+        with np.load(path) as data:
+            return all(key in data.files for key in keys)
+    except Exception:
+        return False
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild dicts, lists and numpy arrays but refuses every other global,
+    so a crafted file cannot run code (plain ``np.load(allow_pickle=True)`` would)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or (module == "numpy" and name.endswith("DType")) or module == "numpy.dtypes":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy data is allowed")
+
+
+def load_pickled_npy(path: str | Path):
+    """Load an ``.npy`` that holds a pickled object (IRN's dicts) without executing foreign code.
+
+    Returns the stored object (a 0-d object array is unwrapped); plain numeric arrays load normally.
+    Raises DataError naming the file on any problem.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(handle)
+            if dtype.hasobject:
+                value = _NumpyOnlyUnpickler(handle).load()
+                if isinstance(value, np.ndarray) and value.shape == () and value.dtype == object:
+                    value = value.item()
+                return value
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:
+        raise DataError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None

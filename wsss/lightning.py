@@ -1,0 +1,81 @@
+"""The LightningCLI shared by the trainable stages (``train-cls``, ``train-seg``)."""
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from wsss.errors import WeightsError
+
+
+class StageCLI(LightningCLI):
+    """LightningCLI with our defaults: best/last checkpoints in ``checkpoint_dir`` (``--checkpoint.*``),
+    CSV logs under ``runs/<log_name>``, ``--ckpt_path`` to resume (``last`` picks the last one)."""
+
+    def __init__(self, model_class, datamodule_class, *, args: list[str], prog: str, checkpoint_dir: str, monitor: str, log_name: str, **kwargs: Any):
+        self._checkpoint_defaults = {
+            "checkpoint.dirpath": checkpoint_dir,
+            "checkpoint.filename": "best",
+            "checkpoint.monitor": monitor,
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.enable_version_counter": False,  # re-runs overwrite best.ckpt, no best-v1.ckpt
+        }
+        trainer_defaults = {
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": log_name}},
+            "log_every_n_steps": 10,
+        }
+        super().__init__(
+            model_class,
+            datamodule_class,
+            args=args,
+            run=False,
+            trainer_defaults=trainer_defaults,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": prog},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(self._checkpoint_defaults)
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from ('last' = the newest last.ckpt).")
+
+    def fit(self) -> None:
+        self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.get("ckpt_path"))
+        callback = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and callback is not None:
+            print(f"best checkpoint: {callback.best_model_path or '(none)'}  ({callback.monitor}={float(callback.best_model_score or float('nan')):.4f})")
+            print(f"last checkpoint: {callback.last_model_path or '(none)'}")
+
+
+def load_system_checkpoint(path: str | Path, system_class: type, required_key: str, what: str):
+    """Rebuild a LightningModule from one of our checkpoints without unpickling code.
+
+    ``required_key`` is a state-dict key only that kind of checkpoint has, so a checkpoint of the
+    wrong stage is refused with a clear message instead of a wall of missing keys. The pretrained
+    initialisation is skipped (``weights="none"``): every weight comes from the checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {exc})") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or required_key not in state:
+        raise WeightsError(f"{path} is not a {what} checkpoint (it has no '{required_key}')")
+    accepted = inspect.signature(system_class.__init__).parameters
+    kwargs = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted and k != "weights"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="VGG16 weights='none'")
+        system = system_class(weights="none", **kwargs)
+    system.load_state_dict(state)
+    return system.eval()

@@ -1,0 +1,1 @@
+"""Pure ``nn.Module`` models: no training logic, no file layout."""

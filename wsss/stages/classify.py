@@ -1,0 +1,137 @@
+"""Stage 1: train the multi-label CAM classifier (``wsss train-cls``)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
+from wsss.classes import NUM_CLASSES
+from wsss.models.classifier import CAMClassifier
+
+
+def poly_factor(step: int, total_steps: int, power: float) -> float:
+    """Poly learning-rate policy: (1 - step / total) ** power, never negative."""
+    return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+
+class ClassifierSystem(pl.LightningModule):
+    """Trains :class:`CAMClassifier` with a multi-label soft-margin loss.
+
+    Args:
+        weights: ``imagenet``, a local VGG16 state-dict path, or ``none`` (random, for tests/toys).
+        width: channel multiplier of the VGG16 (1.0 = the real network).
+        head_groups: groups of the 3x3 head conv (CAM used 2).
+        optimizer: ``sgd`` (the paper-scale recipe) or ``adam`` (quick toy runs from random init).
+        lr: base learning rate of the ImageNet-initialised trunk.
+        new_layer_lr_mult: learning-rate multiplier of the new head and classifier layers.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        lr_schedule: ``poly`` (per step), ``step`` (x0.1 at 2/3 of training) or ``constant``.
+        poly_power: exponent of the poly schedule.
+        batch_norm: VGG16-BN trunk, random init only (toy preset: trains from scratch in minutes).
+    """
+
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        width: float = 1.0,
+        head_groups: int = 1,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 1e-3,
+        new_layer_lr_mult: float = 10.0,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_schedule: Literal["poly", "step", "constant"] = "poly",
+        poly_power: float = 0.9,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = CAMClassifier(NUM_CLASSES, weights=weights, width=width, head_groups=head_groups, batch_norm=batch_norm)
+        self.val_metrics = MetricCollection(
+            {
+                "ap": MultilabelAveragePrecision(num_labels=NUM_CLASSES, average=None),
+                "f1": MultilabelF1Score(num_labels=NUM_CLASSES, average="micro"),
+                "positives": SumMetric(),
+            }
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = F.multilabel_soft_margin_loss(self(batch["image"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        targets = batch["labels"].long()
+        self.log("val/loss", F.multilabel_soft_margin_loss(logits, batch["labels"]), sync_dist=True, batch_size=len(batch["id"]))
+        self.val_metrics["ap"].update(logits.sigmoid(), targets)
+        self.val_metrics["f1"].update(logits.sigmoid(), targets)
+        self.val_metrics["positives"].update(targets.sum(0))
+
+    def on_validation_epoch_end(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No positive samples")
+            ap = self.val_metrics["ap"].compute()
+        positives = self.val_metrics["positives"].compute()
+        # mAP over classes that occur in the split; absent classes have no defined AP.
+        present = positives > 0
+        mean_ap = ap[present].mean() if present.any() else torch.tensor(math.nan)
+        self.log("val/mAP", mean_ap, prog_bar=True)
+        self.log("val/F1", self.val_metrics["f1"].compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [
+            {"params": self.model.pretrained_parameters(), "lr": hp.lr},
+            {"params": self.model.new_parameters(), "lr": hp.lr * hp.new_layer_lr_mult},
+        ]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.lr_schedule == "poly":
+            factor = lambda step: poly_factor(step, total, hp.poly_power)  # noqa: E731
+        elif hp.lr_schedule == "step":
+            factor = lambda step: 0.1 if step >= 2 * total // 3 else 1.0  # noqa: E731
+        else:
+            factor = lambda step: 1.0  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_classifier(path) -> CAMClassifier:
+    """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode."""
+    from wsss.lightning import load_system_checkpoint
+
+    return load_system_checkpoint(path, ClassifierSystem, "model.classifier.weight", "classifier (wsss train-cls)").model
+
+
+def main(argv: list[str]) -> int:
+    """``wsss train-cls``: LightningCLI over ClassifierSystem and ClassificationDataModule."""
+    from wsss.data.modules import ClassificationDataModule
+    from wsss.lightning import StageCLI
+
+    cli = StageCLI(
+        ClassifierSystem,
+        ClassificationDataModule,
+        args=argv,
+        prog="wsss train-cls",
+        checkpoint_dir="checkpoints/classifier",
+        monitor="val/mAP",
+        log_name="classifier",
+    )
+    cli.fit()
+    return 0
