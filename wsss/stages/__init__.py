@@ -1,0 +1,1 @@
+"""One module per pipeline command: Lightning systems, writers and thin CLIs."""
