@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-toy-voc": ("wsss.data.toy_cli:main", "write the built-in toy dataset in the VOC layout"),
     "check-data": ("wsss.data.check:main", "validate every image, mask and list of a VOC-layout dataset"),
     "train-cls": ("wsss.stages.classify:main", "stage 1: train the multi-label VGG16 classifier"),
+    "cams": ("wsss.stages.cams:main", "stage 2: LayerCAM / Grad-CAM / Grad-CAM++ maps per image, fused across layers"),
     "train-seg": ("wsss.stages.segment:main", "stage 4: train DeepLab-LargeFOV on pseudo-labels (or GT)"),
     "predict-seg": ("wsss.stages.segment:predict_main", "stage 4: write segmenter label PNGs for a split"),
     "pseudo-labels": ("wsss.stages.pseudo_labels:main", "stage 3: CAM files -> superpixel pseudo-label PNGs"),

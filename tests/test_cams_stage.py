@@ -1,0 +1,106 @@
+"""`wsss cams` through its real CLI on the toy data."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.cams import compute_cams, fuse_cams, normalize_maps
+from wsss.cli import main as cli
+from wsss.data.transforms import eval_transform, to_tv
+from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.io import read_image
+from wsss.stages.cams import CamSystem
+from wsss.stages.classify import ClassifierSystem, load_classifier
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    """A random narrow classifier saved the way train-cls saves it (hyper-parameters + state dict)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        system = ClassifierSystem(weights="none", width=0.125)
+    path = tmp_path_factory.mktemp("cls") / "classifier.ckpt"
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, path)
+    return path
+
+
+def _cams(toy_root, ckpt, out, *extra):
+    return cli(["cams", "--checkpoint", str(ckpt), "--data-root", str(toy_root), "--split", "train", "--out", str(out), "--num-workers", "0", "--accelerator", "cpu", *extra])
+
+
+def test_cams_cli_writes_one_valid_file_per_image_matching_the_math(toy_root, classifier_ckpt, tmp_path):
+    out = tmp_path / "cams"
+    assert _cams(toy_root, classifier_ckpt, out, "--save-layers", "--batch-size", "3") == 0
+    layout = VOCLayout(toy_root)
+    ids = layout.read_ids("train")
+    assert sorted(p.stem for p in out.glob("*.npz")) == sorted(ids)
+    labels = ImageLabels(layout)
+    model = load_classifier(classifier_ckpt)
+    for image_id in ids[:3]:
+        with np.load(out / f"{image_id}.npz") as saved:
+            image = read_image(layout.image_path(image_id))
+            classes = np.flatnonzero(labels(image_id)) + 1
+            np.testing.assert_array_equal(saved["classes"], classes)
+            assert saved["classes"].dtype == np.int64 and saved["cams"].dtype == np.float16
+            assert saved["cams"].shape == (len(classes), *image.shape[:2])
+            assert 0 <= saved["cams"].min() and saved["cams"].max() <= 1
+            # Independent recomputation: raw maps, upsample, then normalise and fuse (stage3 scaled).
+            tensor = eval_transform()(*to_tv(image))[None]
+            raw = compute_cams(model, tensor, [list(classes - 1)], ["stage3", "stage4", "stage5"])
+            size = image.shape[:2]
+            upsampled = [torch.nn.functional.interpolate(raw[layer][0][None], size=size, mode="bilinear", align_corners=False)[0] for layer in raw]
+            expected = fuse_cams(upsampled, size, [True, False, False])
+            np.testing.assert_allclose(saved["cams"].astype(np.float32), expected.numpy(), atol=2e-3)
+            np.testing.assert_allclose(saved["stage5"].astype(np.float32), normalize_maps(upsampled[2]).numpy(), atol=2e-3)
+
+
+def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, classifier_ckpt, tmp_path, capsys):
+    out = tmp_path / "cams"
+    assert _cams(toy_root, classifier_ckpt, out) == 0
+    files = sorted(out.glob("*.npz"))
+    # Simulate an interrupted run: one file missing, one truncated (as a crash before rename can't
+    # leave, but a copy from elsewhere might).
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes()[:50])
+    kept = {p: p.stat().st_mtime_ns for p in files[2:]}
+    capsys.readouterr()
+    assert _cams(toy_root, classifier_ckpt, out) == 0
+    assert "2 CAM files written" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    with np.load(files[1]) as data:
+        assert data["cams"].ndim == 3
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+    assert _cams(toy_root, classifier_ckpt, out, "--overwrite") == 0
+    assert "written, 0 already" in capsys.readouterr().out
+
+
+def test_cams_refuses_wrong_checkpoint_and_unknown_layer(toy_root, classifier_ckpt, tmp_path, capsys):
+    torch.save({"state_dict": {"model.fc8.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "seg.ckpt")
+    assert _cams(toy_root, tmp_path / "seg.ckpt", tmp_path / "o") == 2
+    assert "not a classifier" in capsys.readouterr().err
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--layers", "stage3,conv9") == 2
+    err = capsys.readouterr().err
+    assert "conv9" in err and "stage5" in err
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--scaled", "stage1") == 2
+
+
+def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path):
+    table = {image_id: np.zeros(20, np.float32) for image_id in VOCLayout(toy_root).read_ids("train")}
+    np.save(tmp_path / "labels.npy", table, allow_pickle=True)
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--labels", str(tmp_path / "labels.npy")) == 0
+    with np.load(next((tmp_path / "o").glob("*.npz"))) as data:
+        assert data["cams"].shape[0] == 0 and data["classes"].shape == (0,)
+
+
+def test_predict_needs_gradients_even_under_inference_mode(classifier_ckpt):
+    """Lightning predicts under inference_mode by default; the CAM system must still get maps."""
+    system = CamSystem(load_classifier(classifier_ckpt), ["stage4", "stage5"], [False, False])
+    image = torch.randn(3, 48, 64)
+    batch = {"id": ["a"], "image": [image], "size": [(48, 64)], "labels": torch.eye(20)[[3]]}
+    with torch.inference_mode():
+        result = system.predict_step(batch, 0)
+    assert result[0]["cams"].shape == (1, 48, 64) and np.isfinite(result[0]["cams"]).all()
