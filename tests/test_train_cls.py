@@ -8,7 +8,7 @@ import torch
 
 from wsss.cli import main as cli
 from wsss.errors import WeightsError
-from wsss.stages.classify import load_classifier, poly_factor
+from wsss.stages.classify import ClassifierSystem, load_classifier, mean_ap_of_present_classes, poly_factor
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "toy" / "classifier.yaml")
 
@@ -79,3 +79,19 @@ def test_poly_factor():
     assert poly_factor(0, 100, 0.9) == 1.0
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5 ** 0.9)
     assert poly_factor(100, 100, 0.9) == 0.0 and poly_factor(150, 100, 0.9) == 0.0
+
+
+def test_validation_map_averages_only_classes_present_in_the_split():
+    system = ClassifierSystem(weights="none", width=0.125)
+    # 4 images; class 0: AP 1 (positives ranked first); class 1: positives ranked last of 4 ->
+    # precision at its hits 1/3 and 2/4, AP = (1/3 + 1/2) / 2; the other 18 classes never occur.
+    scores = torch.zeros(4, 20)
+    scores[:, 0] = torch.tensor([0.9, 0.8, 0.1, 0.2])
+    scores[:, 1] = torch.tensor([0.9, 0.8, 0.3, 0.2])
+    targets = torch.zeros(4, 20, dtype=torch.long)
+    targets[:2, 0] = 1
+    targets[2:, 1] = 1
+    system.val_metrics["ap"].update(scores, targets)
+    system.val_metrics["positives"].update(targets)
+    result = mean_ap_of_present_classes(system.val_metrics["ap"].compute(), system.val_metrics["positives"].compute())
+    assert result.item() == pytest.approx((1.0 + (1 / 3 + 1 / 2) / 2) / 2)

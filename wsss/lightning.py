@@ -55,13 +55,8 @@ class StageCLI(LightningCLI):
             print(f"last checkpoint: {callback.last_model_path or '(none)'}")
 
 
-def load_system_checkpoint(path: str | Path, system_class: type, required_key: str, what: str):
-    """Rebuild a LightningModule from one of our checkpoints without unpickling code.
-
-    ``required_key`` is a state-dict key only that kind of checkpoint has, so a checkpoint of the
-    wrong stage is refused with a clear message instead of a wall of missing keys. The pretrained
-    initialisation is skipped (``weights="none"``): every weight comes from the checkpoint.
-    """
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as a dict, loaded with ``weights_only=True`` so no pickled code can run."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
@@ -69,7 +64,20 @@ def load_system_checkpoint(path: str | Path, system_class: type, required_key: s
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {exc})") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f"{path} is not a Lightning checkpoint")
+    return checkpoint
+
+
+def load_system_checkpoint(path: str | Path, system_class: type, required_key: str, what: str):
+    """Rebuild a LightningModule from one of our checkpoints without unpickling code.
+
+    ``required_key`` is a state-dict key only that kind of checkpoint has, so a checkpoint of the
+    wrong stage is refused with a clear message instead of a wall of missing keys. The pretrained
+    initialisation is skipped (``weights="none"``): every weight comes from the checkpoint.
+    """
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or required_key not in state:
         raise WeightsError(f"{path} is not a {what} checkpoint (it has no '{required_key}')")
     accepted = inspect.signature(system_class.__init__).parameters

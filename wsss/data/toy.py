@@ -188,7 +188,7 @@ def make_toy_voc(
     num_train: int = 160,
     num_val: int = 40,
     num_train_subset: int = 60,
-    size_range: tuple[int, int] = (112, 176),
+    size_range: tuple[int, int] = (96, 128),
     annotations: bool = True,
 ) -> Path:
     """Write a toy VOC2012-layout dataset under ``out`` and return its root.

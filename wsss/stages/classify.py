@@ -8,8 +8,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.aggregation import SumMetric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
 from wsss.classes import NUM_CLASSES
@@ -19,6 +18,26 @@ from wsss.models.classifier import CAMClassifier
 def poly_factor(step: int, total_steps: int, power: float) -> float:
     """Poly learning-rate policy: (1 - step / total) ** power, never negative."""
     return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+
+class PositiveCounts(Metric):
+    """Per-class count of positive targets, summed across processes."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, targets: torch.Tensor) -> None:
+        self.counts += targets.sum(0).long()
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+def mean_ap_of_present_classes(ap: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean of per-class AP over classes with at least one positive (others have no defined AP)."""
+    present = positives > 0
+    return ap[present].mean() if present.any() else torch.tensor(math.nan)
 
 
 class ClassifierSystem(pl.LightningModule):
@@ -59,7 +78,7 @@ class ClassifierSystem(pl.LightningModule):
             {
                 "ap": MultilabelAveragePrecision(num_labels=NUM_CLASSES, average=None),
                 "f1": MultilabelF1Score(num_labels=NUM_CLASSES, average="micro"),
-                "positives": SumMetric(),
+                "positives": PositiveCounts(NUM_CLASSES),
             }
         )
 
@@ -77,17 +96,13 @@ class ClassifierSystem(pl.LightningModule):
         self.log("val/loss", F.multilabel_soft_margin_loss(logits, batch["labels"]), sync_dist=True, batch_size=len(batch["id"]))
         self.val_metrics["ap"].update(logits.sigmoid(), targets)
         self.val_metrics["f1"].update(logits.sigmoid(), targets)
-        self.val_metrics["positives"].update(targets.sum(0))
+        self.val_metrics["positives"].update(targets)
 
     def on_validation_epoch_end(self) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No positive samples")
             ap = self.val_metrics["ap"].compute()
-        positives = self.val_metrics["positives"].compute()
-        # mAP over classes that occur in the split; absent classes have no defined AP.
-        present = positives > 0
-        mean_ap = ap[present].mean() if present.any() else torch.tensor(math.nan)
-        self.log("val/mAP", mean_ap, prog_bar=True)
+        self.log("val/mAP", mean_ap_of_present_classes(ap, self.val_metrics["positives"].compute()), prog_bar=True)
         self.log("val/F1", self.val_metrics["f1"].compute(), prog_bar=True)
         self.val_metrics.reset()
 

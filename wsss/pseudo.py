@@ -1,0 +1,206 @@
+"""Pseudo-labels from fused CAMs: superpixel voting (paper eq. 10) and the field's CAM seed rule.
+
+Pure NumPy (plus scikit-image's SLIC); no file I/O.
+
+Inputs shared by every function:
+
+- ``cams``: (K, H, W) floating array in [0, 1] (float16/32/64), one fused map per image-level class.
+- ``classes``: the K label values of those maps, each in 1..20, distinct, in the same order.
+
+Outputs are (H, W) uint8 label maps: 0 background, else the class value.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from skimage.segmentation import slic
+
+from wsss.classes import NUM_CLASSES
+
+# SLIC parameters used when ``superpixel_labels`` gets no precomputed segments. The paper does not
+# give them; chosen by scripts/sweep_slic.py (docs/slic_sweep.md): on the toy split the best
+# superpixels hold ~250-370 px with compactness 30-40 (stride-8-like blurry CAMs). Area, not
+# count, is what transfers across image sizes, so n_segments=600 gives ~310 px superpixels on a
+# 375x500 VOC image. Re-run the sweep with real CAMs (--cams) when they exist.
+SLIC_DEFAULTS: dict[str, Any] = {
+    "n_segments": 600,
+    "compactness": 30.0,
+    "sigma": 1.0,
+    "start_label": 0,
+}
+
+# eq. 10's background threshold on the mean CAM score of a superpixel.
+DEFAULT_THRESHOLD = 0.3
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"image must be an (H, W, 3) array, got shape {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got dtype {image.dtype}")
+
+
+def _check_cams(cams: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Validate ``cams`` and ``classes``; return ``classes`` as a uint8 array."""
+    if not isinstance(cams, np.ndarray) or cams.ndim != 3:
+        raise ValueError(f"cams must be a (K, H, W) array, got shape {getattr(cams, 'shape', None)}")
+    if cams.dtype.kind != "f":
+        raise ValueError(f"cams must be floating point, got dtype {cams.dtype}")
+    if cams.size:
+        if not np.isfinite(cams).all():
+            raise ValueError("cams contain NaN or Inf")
+        low, high = float(cams.min()), float(cams.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"cams must lie in [0, 1], found values in [{low:g}, {high:g}]")
+    labels = np.asarray(classes)
+    if labels.ndim != 1:
+        raise ValueError(f"classes must be a 1-D sequence of label values, got shape {labels.shape}")
+    if len(labels) != cams.shape[0]:
+        raise ValueError(f"got {len(labels)} classes for {cams.shape[0]} CAMs")
+    if labels.size:
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"classes must be integers, got dtype {labels.dtype}")
+        if labels.min() < 1 or labels.max() > NUM_CLASSES:
+            raise ValueError(f"class values must be in 1..{NUM_CLASSES}, got {labels.tolist()}")
+        if len(np.unique(labels)) != len(labels):
+            raise ValueError(f"classes must be distinct, got {labels.tolist()}")
+    return labels.astype(np.uint8)
+
+
+def slic_segments(image: np.ndarray, **slic_kwargs: Any) -> np.ndarray:
+    """SLIC superpixels of an (H, W, 3) uint8 RGB image: (H, W) integer segment ids.
+
+    Uses :data:`SLIC_DEFAULTS` updated by ``slic_kwargs`` (any ``skimage.segmentation.slic``
+    keyword). This is the only place SLIC is called.
+    """
+    _check_image(image)
+    params = {**SLIC_DEFAULTS, **slic_kwargs}
+    return slic(image, channel_axis=-1, **params)
+
+
+def _contiguous_segments(segments: np.ndarray) -> tuple[np.ndarray, int]:
+    """Flat non-negative segment indices usable as bincount bins, and the number of bins."""
+    flat = segments.reshape(-1)
+    low, high = int(flat.min()), int(flat.max())
+    if low >= 0 and high < 4 * flat.size + 1024:
+        # Common case (SLIC ids 0..n-1): use the ids as bins directly; unused bins just stay
+        # empty. Avoids the sort in np.unique.
+        return flat, high + 1
+    # Negative or huge ids: relabel to 0..n-1.
+    uniques, inverse = np.unique(flat, return_inverse=True)
+    return inverse.reshape(-1), len(uniques)
+
+
+def superpixel_labels(
+    image: np.ndarray,
+    cams: np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    segments: np.ndarray | None = None,
+    **slic_kwargs: Any,
+) -> np.ndarray:
+    """Pseudo-label map by superpixel voting (paper eq. 10).
+
+    For each superpixel O and class c: S_c = mean of ``cams[c]`` over the pixels of O. O takes the
+    class with the largest S_c, or background (0) if that largest S_c < ``threshold`` (a score
+    exactly equal to the threshold is foreground). Ties between classes go to the class listed
+    first in ``classes``. With K = 0 every pixel is background. Means are taken in float64.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image (only its shape is used when ``segments`` is given).
+        cams: (K, H, W) float maps in [0, 1].
+        classes: the K label values (1..20) of the maps.
+        threshold: background threshold on the superpixel mean.
+        segments: optional precomputed (H, W) integer superpixel ids (any integers); otherwise
+            :func:`slic_segments` is run with ``slic_kwargs``.
+
+    Returns:
+        (H, W) uint8 labels with values in {0} ∪ ``classes``.
+    """
+    _check_image(image)
+    labels = _check_cams(cams, classes)
+    height, width = image.shape[:2]
+    if cams.shape[1:] != (height, width):
+        raise ValueError(f"cams have spatial shape {cams.shape[1:]}, image has {(height, width)}")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    if segments is None:
+        if len(labels) == 0:
+            return np.zeros((height, width), dtype=np.uint8)  # no class to vote for: skip SLIC
+        segments = slic_segments(image, **slic_kwargs)
+    elif slic_kwargs:
+        raise ValueError(f"SLIC options {sorted(slic_kwargs)} given together with precomputed segments")
+    segments = np.asarray(segments)
+    if segments.shape != (height, width):
+        raise ValueError(f"segments have shape {segments.shape}, image has {(height, width)}")
+    if segments.dtype.kind not in "iu":
+        raise ValueError(f"segments must hold integer ids, got dtype {segments.dtype}")
+
+    if len(labels) == 0:
+        return np.zeros((height, width), dtype=np.uint8)
+
+    seg, num_bins = _contiguous_segments(segments)
+    counts = np.bincount(seg, minlength=num_bins)
+    # (K, num_bins) per-superpixel sums: one weighted bincount per class (K is small).
+    sums = np.stack(
+        [np.bincount(seg, weights=cam.reshape(-1), minlength=num_bins) for cam in cams]
+    )
+    means = sums / np.maximum(counts, 1)  # empty bins (unused ids) are never looked up
+    best = means.argmax(axis=0)  # argmax returns the first maximum: earlier class wins ties
+    best_score = means[best, np.arange(num_bins)]
+    lut = np.where(best_score < threshold, 0, labels[best]).astype(np.uint8)
+    return lut[seg].reshape(height, width)
+
+
+def cam_best_class(
+    cams: np.ndarray, classes: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel best class score and label, computed once for a background-threshold sweep.
+
+    Returns:
+        ``(best_score, best_label)``: (H, W) maximum over the K maps, in ``cams``' dtype (0 if
+        K = 0), and
+        (H, W) uint8 class value of that maximum (first class in ``classes`` on ties; 0 if K = 0).
+        Pass them to :func:`seed_labels_from_best` for each threshold.
+    """
+    labels = _check_cams(cams, classes)
+    height, width = cams.shape[1:]
+    if len(labels) == 0:
+        return np.zeros((height, width), cams.dtype), np.zeros((height, width), np.uint8)
+    best = cams.argmax(axis=0)
+    best_score = np.take_along_axis(cams, best[None], axis=0)[0]
+    return best_score, labels[best]
+
+
+def seed_labels_from_best(
+    best_score: np.ndarray, best_label: np.ndarray, bg_threshold: float
+) -> np.ndarray:
+    """CAM seed labels from :func:`cam_best_class`: the class where its score > ``bg_threshold``.
+
+    Equivalent to argmax over [background = bg_threshold, class maps] with background listed
+    first, so a score equal to the threshold is background (the field's convention; note it is
+    the opposite tie rule from eq. 10's superpixel threshold).
+    """
+    if best_score.shape != best_label.shape:
+        raise ValueError(f"best_score {best_score.shape} and best_label {best_label.shape} differ in shape")
+    if not np.isfinite(bg_threshold):
+        raise ValueError(f"bg_threshold must be finite, got {bg_threshold}")
+    # Compare in float64: a bare Python float would be rounded to float16 maps' precision first.
+    return np.where(best_score > np.float64(bg_threshold), best_label, 0).astype(np.uint8)
+
+
+def cam_seed_labels(
+    cams: np.ndarray, classes: Sequence[int] | np.ndarray, bg_threshold: float
+) -> np.ndarray:
+    """The field's CAM seed rule: per-pixel argmax over [bg_threshold, cams[0], ..., cams[K-1]].
+
+    Returns an (H, W) uint8 map: 0 where no class map exceeds ``bg_threshold`` (ties go to
+    background), else the value in ``classes`` of the largest map (first listed on ties).
+    For many thresholds, call :func:`cam_best_class` once and :func:`seed_labels_from_best` per
+    threshold.
+    """
+    best_score, best_label = cam_best_class(cams, classes)
+    return seed_labels_from_best(best_score, best_label, bg_threshold)
