@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps, resolve_layers
@@ -116,6 +117,15 @@ class ImagesPerSecondBar(TQDMProgressBar):
             self.predict_progress_bar.set_postfix(img_s=f"{self._images / elapsed:.2f}")
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding; (0, 0) if unreadable (the loader reports it)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:
+        return (0, 0)
+
+
 def pending_ids(ids: list[str], out_dir: Path, overwrite: bool) -> list[str]:
     """Ids whose output is missing or incomplete (everything with ``overwrite``)."""
     if overwrite:
@@ -161,6 +171,9 @@ def run_cams(
     todo = pending_ids(ids, out_dir, overwrite)
     log.info("CAMs (%s at %s) for %d of %d images in %s; %d already done", method, ",".join(layers), len(todo), len(ids), out_dir, len(ids) - len(todo))
     if todo:
+        # Each backward serves one class slot of the whole batch, and only equal-sized images share
+        # a forward: batching images with the same class count and size wastes no work.
+        todo.sort(key=lambda i: (int(image_labels(i).sum()), _image_size(layout.image_path(i))))
         dataset = ImageDataset(layout, todo, eval_transform(), image_labels)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
         callbacks: list[pl.Callback] = [CamWriter(out_dir, save_layers)]

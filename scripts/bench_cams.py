@@ -1,0 +1,266 @@
+"""Benchmark LayerCAM map extraction: wsss.cams vs pytorch-grad-cam vs torchcam vs a lower bound.
+
+Workload: a CAMClassifier (VGG16, random weights) on VOC-sized random images, each with 1-3 random
+classes; LayerCAM maps at stage3, stage4 and stage5 for every class of every image.
+
+Timing: all contenders run in one process, interleaved batch by batch (each with its own copy of
+the model), so load from other processes on a shared machine hits them alike; with --repeats the
+fastest pass per method is reported.
+
+Contenders:
+  ours      wsss.cams.compute_cams on batches of --batch-size images: one forward, then one
+            backward per class slot (max classes in the batch), gradients w.r.t. the hooked
+            activations only.
+  gradcam   pytorch_grad_cam.LayerCAM with all three target layers in one instance, used as its
+            documented API: per batch and class slot k, one call on the images that have a k-th
+            class, with one ClassifierOutputTarget each. Each call runs a forward and a full
+            backward (parameter gradients included), computes the three per-layer maps in numpy,
+            and also resizes/min-max scales them to the image size and averages them (its output
+            merges layers; the per-layer maps are only internal). Same number of maps as ours.
+  torchcam  torchcam.methods.LayerCAM with all three layers: one forward per batch, then per
+            class slot one extractor call (retain_graph) with a class per image (images without a
+            k-th class get a dummy class whose map is discarded); normalized=False.
+  limit     per image: stages 1-3 under no_grad, grad enabled from the stage3 output on, then per
+            class one autograd.grad of that class score w.r.t. the stage3 output (parameters
+            frozen). No maps are computed: this is a lower bound on the time of any method.
+
+Peak memory: one fresh subprocess per method runs the first batch; CPU: growth of ru_maxrss over
+the state after building the model and the images; GPU: torch.cuda.max_memory_allocated over the
+allocation at that point.
+
+Example: python scripts/bench_cams.py --images 8 --batch-size 4
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+METHODS = ("ours", "gradcam", "torchcam", "limit")
+STAGES = ("stage3", "stage4", "stage5")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=8, help="images timed per method")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--width-mult", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG16)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches (per image for 'limit') before timing")
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes over the images; the fastest is reported "
+                        "(other processes on a shared machine add noise)")
+    parser.add_argument("--group-by-classes", action="store_true",
+                        help="order images by their number of classes before batching (as a CAM stage can), "
+                             "so batched methods waste no backward work on images with fewer classes")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_workload(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, list[list[int]]]:
+    from wsss.models.classifier import CAMClassifier
+
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loud "random weights" warning; random is the point here
+        model = CAMClassifier(weights="none", width=args.width_mult).to(args.device).eval()
+    images = torch.randn(args.images, 3, args.height, args.width, device=args.device)
+    rng = random.Random(args.seed)
+    classes = [rng.sample(range(20), rng.randint(1, 3)) for _ in range(args.images)]
+    if args.group_by_classes:
+        order = sorted(range(args.images), key=lambda n: len(classes[n]))
+        images, classes = images[order], [classes[n] for n in order]
+    return model, images, classes
+
+
+def batches(images: torch.Tensor, classes: list[list[int]], size: int):
+    for start in range(0, len(classes), size):
+        yield images[start:start + size], classes[start:start + size]
+
+
+def run_ours(model, images, classes):
+    from wsss.cams import compute_cams
+
+    return compute_cams(model, images, classes, STAGES, method="layercam")
+
+
+def make_gradcam(model):
+    from pytorch_grad_cam import LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layers = [model.get_submodule(model.layer_aliases[s]) for s in STAGES]
+    extractor = LayerCAM(model=model, target_layers=layers)
+
+    def run(model, images, classes):
+        outputs = []
+        for k in range(max(len(c) for c in classes)):
+            rows = [n for n, c in enumerate(classes) if len(c) > k]
+            targets = [ClassifierOutputTarget(classes[n][k]) for n in rows]
+            outputs.append(extractor(input_tensor=images[rows], targets=targets))
+        return outputs
+
+    return run
+
+
+def make_torchcam(model):
+    from torchcam.methods import LayerCAM
+
+    extractor = LayerCAM(model, target_layer=[model.layer_aliases[s] for s in STAGES])
+
+    def run(model, images, classes):
+        scores = model(images)
+        slots = max(len(c) for c in classes)
+        outputs = []
+        for k in range(slots):
+            class_idx = [c[k] if len(c) > k else c[0] for c in classes]
+            outputs.append(extractor(class_idx=class_idx, scores=scores, normalized=False, retain_graph=k < slots - 1))
+        return outputs
+
+    return run
+
+
+def run_limit(model, images, classes):
+    split = int(model.layer_aliases["stage3"].split(".")[1]) + 1
+    before, after = model.features[:split], model.features[split:]
+    for image, ids in zip(images, classes):
+        with torch.no_grad():
+            stage3 = before(image[None])
+        stage3.requires_grad_()
+        logits = model.classifier(model.head(after(stage3)).mean(dim=(2, 3)))
+        for i, c in enumerate(ids):
+            torch.autograd.grad(logits[0, c], stage3, retain_graph=i < len(ids) - 1)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_runner(method: str, model: torch.nn.Module):
+    """The function running ``method`` on one batch (the limit goes through its images one by one)."""
+    if method == "gradcam":
+        return make_gradcam(model)
+    if method == "torchcam":
+        return make_torchcam(model)
+    if method == "limit":
+        model.requires_grad_(False)
+        return run_limit
+    return run_ours
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """Peak memory of one method on the first batch, in a fresh process."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, images, classes = make_workload(args)
+    runner = make_runner(args.worker, model)
+    batch, ids = next(batches(images, classes, args.batch_size))
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    runner(model, batch, ids)
+    sync(args.device)
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"method": args.worker, "peak_mib": peak / 2**20}
+
+
+def time_methods(args: argparse.Namespace, methods: list[str]) -> dict[str, float]:
+    """Seconds per pass over all images, per method, the methods interleaved batch by batch.
+
+    Interleaving spreads the load of other processes over all methods alike; each method has its
+    own copy of the model so that one library's hooks never run during another's timing.
+    """
+    model, images, classes = make_workload(args)
+    runners = {}
+    for method in methods:
+        try:
+            copy_of_model = copy.deepcopy(model)
+            runners[method] = (copy_of_model, make_runner(method, copy_of_model))
+        except ImportError as exc:
+            print(f"{method:9s} skipped: {type(exc).__name__}: {exc}")
+    work = list(batches(images, classes, args.batch_size))
+    for batch, ids in work[: args.warmup]:
+        for copy_of_model, runner in runners.values():
+            runner(copy_of_model, batch, ids)
+    best = {method: math.inf for method in runners}
+    for _ in range(args.repeats):
+        totals = dict.fromkeys(runners, 0.0)
+        for index, (batch, ids) in enumerate(work):
+            order = list(runners)
+            order = order[index % len(order):] + order[: index % len(order)]  # no method always runs first
+            for method in order:
+                copy_of_model, runner = runners[method]
+                sync(args.device)
+                start = time.perf_counter()
+                runner(copy_of_model, batch, ids)
+                sync(args.device)
+                totals[method] += time.perf_counter() - start
+        best = {method: min(best[method], totals[method]) for method in runners}
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if args.worker:
+        try:
+            print(json.dumps(memory_worker(args)))
+        except ImportError as exc:
+            print(json.dumps({"method": args.worker, "skipped": f"{type(exc).__name__}: {exc}"}))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, _, classes = make_workload(args)
+    counts = [len(c) for c in classes]
+    print(f"device={args.device} images={args.images} size={args.height}x{args.width} width_mult={args.width_mult} "
+          f"batch={args.batch_size} warmup={args.warmup} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"group_by_classes={args.group_by_classes}")
+    print(f"classes per image, in batch order: {counts} (maps per layer: {sum(counts)}); layers: {', '.join(STAGES)}")
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    memory: dict[str, float] = {}
+    for method in args.methods:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", method],
+                              capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines and "peak_mib" in json.loads(lines[-1]):
+            memory[method] = json.loads(lines[-1])["peak_mib"]
+        else:
+            print(f"{method:9s} memory run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+
+    seconds = time_methods(args, args.methods)
+    for method, total in seconds.items():
+        peak = f"{memory[method]:8.1f} MiB" if method in memory else "     n/a"
+        print(f"{method:9s} {len(classes) / total:8.3f} images/s  {total:8.2f} s  peak +{peak} (first batch)")
+    if "ours" in seconds:
+        ours = seconds["ours"]
+        for other, label in (("gradcam", "ours vs pytorch-grad-cam: throughput x"), ("torchcam", "ours vs torchcam: throughput x")):
+            if other in seconds:
+                print(f"{label}{seconds[other] / ours:.2f}")
+        if "limit" in seconds:
+            print(f"ours time / limit time: {ours / seconds['limit']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

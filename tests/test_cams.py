@@ -1,0 +1,345 @@
+"""Tests of wsss.cams: CAM maps against plain autograd and pytorch-grad-cam, fusion by hand."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps
+from wsss.models.classifier import CAMClassifier
+
+
+class TinyNet(nn.Module):
+    """Conv -> ReLU(inplace) twice, GAP, linear: hooking ``conv1`` sees its output modified in place."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.act2 = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.act2(self.conv2(self.act1(self.conv1(images))))
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+class ExplodingNet(TinyNet):
+    """Fails after the hooked layers have run, to check clean-up on errors raised mid-forward."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.act2(self.conv2(self.act1(self.conv1(images))))
+        raise RuntimeError("boom")
+
+
+def make_classifier(width: float = 0.125) -> CAMClassifier:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weights="none" warns loudly by design
+        return CAMClassifier(num_classes=20, weights="none", width=width).double().eval()
+
+
+def make_tiny() -> TinyNet:
+    torch.manual_seed(1)
+    return TinyNet().double().eval()
+
+
+def reference_map(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
+    """SPEC.md formulas for one image and class; activation and gradient are (K, h, w)."""
+    if method == "layercam":
+        return torch.clamp((torch.clamp(gradient, min=0) * activation).sum(dim=0), min=0)
+    if method == "gradcam":
+        weights = gradient.mean(dim=(1, 2))
+    else:
+        weights = torch.zeros(activation.shape[0], dtype=activation.dtype)
+        for k in range(activation.shape[0]):
+            g, total = gradient[k], activation[k].sum()
+            denominator = 2 * g**2 + total * g**3
+            alpha = torch.zeros_like(g)
+            alpha[denominator != 0] = g[denominator != 0] ** 2 / denominator[denominator != 0]
+            weights[k] = (alpha * torch.clamp(g, min=0)).sum()
+    return torch.clamp((weights[:, None, None] * activation).sum(dim=0), min=0)
+
+
+def reference_cams(model: nn.Module, images: torch.Tensor, class_ids, layers, method: str) -> dict[str, list[torch.Tensor]]:
+    """Per image and class: a fresh forward of that image alone and ``.backward()`` of that score."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False  # so the recorded outputs are the tensors the module returned
+    aliases = getattr(model, "layer_aliases", {})
+    result: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for n, ids in enumerate(class_ids):
+        maps: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for c in ids:
+            recorded: dict[str, torch.Tensor] = {}
+
+            def record(layer):
+                def hook(module, inputs, output):
+                    output.retain_grad()
+                    recorded[layer] = output
+                return hook
+
+            handles = [model.get_submodule(aliases.get(layer, layer)).register_forward_hook(record(layer)) for layer in layers]
+            logits = model(images[n:n + 1].clone())
+            for handle in handles:
+                handle.remove()
+            model.zero_grad()
+            logits[0, c].backward()
+            for layer in layers:
+                maps[layer].append(reference_map(recorded[layer][0].detach(), recorded[layer].grad[0], method))
+        for layer in layers:
+            shape = recorded_shape(model, images, aliases.get(layer, layer)) if not ids else None
+            result[layer].append(torch.stack(maps[layer]) if ids else torch.zeros(0, *shape, dtype=images.dtype))
+    return result
+
+
+def recorded_shape(model: nn.Module, images: torch.Tensor, module_name: str) -> tuple[int, int]:
+    shapes = []
+    handle = model.get_submodule(module_name).register_forward_hook(lambda m, i, o: shapes.append(o.shape[-2:]))
+    with torch.no_grad():
+        model(images[:1])
+    handle.remove()
+    return tuple(shapes[0])
+
+
+def hook_state(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+
+
+def assert_maps_close(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for layer in reference:
+        assert len(ours[layer]) == len(reference[layer])
+        for mine, expected in zip(ours[layer], reference[layer]):
+            assert mine.shape == expected.shape
+            scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-30)
+            torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_per_image_autograd_on_classifier(method):
+    model = make_classifier()
+    images = torch.randn(4, 3, 48, 64, dtype=torch.float64)
+    class_ids = [[3, 0, 7], [], [5], [1, 2]]
+    # features.14 is conv3_3, whose output the following ReLU(inplace=True) overwrites.
+    layers = ["stage3", "features.14", "features.22", "stage5"]
+    ours = compute_cams(model, images, class_ids, layers, method)
+    assert_maps_close(ours, reference_cams(model, images, class_ids, layers, method))
+    assert ours["stage3"][0].shape == (3, 12, 16) and ours["stage5"][1].shape == (0, 3, 4)
+    assert all(maps[0].amax() > 0 for maps in ours.values()), "degenerate all-zero maps would prove nothing"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_per_image_autograd_on_custom_module_with_inplace_relu(method):
+    model = make_tiny()
+    images = torch.randn(3, 3, 10, 12, dtype=torch.float64)
+    class_ids = [[4, 1], [0, 2, 3], [2]]
+    layers = ["conv1", "act1", "conv2", "act2"]
+    ours = compute_cams(model, images, class_ids, layers, method)
+    assert_maps_close(ours, reference_cams(model, images, class_ids, layers, method))
+    if method != "layercam":
+        # conv1's output must be recorded before act1 overwrites it in place. (LayerCAM cannot
+        # tell: ReLU(g) * A is the same before and after a ReLU, as g is 0 where A < 0.)
+        assert not torch.allclose(ours["conv1"][0], ours["act1"][0])
+
+
+def test_one_forward_and_no_parameter_gradients():
+    model = make_tiny()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+    compute_cams(model, torch.randn(3, 3, 8, 8, dtype=torch.float64), [[0, 1, 2], [3], []], ["conv2"])
+    handle.remove()
+    assert calls == [3]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _grad_cam_raw_maps(cam_class, model, layer_module, images, classes) -> np.ndarray:
+    """pytorch-grad-cam's per-layer maps before its min-max scaling and resize.
+
+    ``BaseCAM.compute_cam_per_layer`` does ``np.maximum(get_cam_image(...), 0)`` and then
+    ``scale_cam_image``; we run the library's own forward/backward through ``__call__`` and
+    then call its ``get_cam_image`` on the activations and gradients it recorded, stopping
+    before the scaling.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    cam = cam_class(model=model, target_layers=[layer_module])
+    try:
+        cam(input_tensor=images, targets=targets)
+        activations = cam.activations_and_grads.activations[0].numpy()
+        gradients = cam.activations_and_grads.gradients[0].numpy()
+        return np.maximum(cam.get_cam_image(images, layer_module, targets, activations, gradients, False), 0)
+    finally:
+        cam.activations_and_grads.release()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layer", ["stage4", "stage5"])
+def test_matches_pytorch_grad_cam(method, layer):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+
+    model = make_classifier()
+    with torch.no_grad():
+        # Large gradients, so grad-cam's +1e-6 in the Grad-CAM++ denominator cannot matter.
+        model.classifier.weight.mul_(1e4)
+    images = torch.randn(3, 3, 48, 64, dtype=torch.float64)
+    classes = [2, 11, 19]
+    ours = compute_cams(model, images, [[c] for c in classes], [layer], method)[layer]
+    cam_class = {"layercam": LayerCAM, "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
+    theirs = _grad_cam_raw_maps(cam_class, model, model.get_submodule(model.layer_aliases[layer]), images, classes)
+    assert theirs.shape == (3, *ours[0].shape[1:])
+    assert theirs.max() > 0, "degenerate all-zero maps would prove nothing"
+    np.testing.assert_allclose(torch.stack([m[0] for m in ours]).numpy(), theirs, rtol=1e-5, atol=1e-5 * theirs.max())
+
+
+def test_fuse_equal_size_by_hand():
+    shallow = torch.tensor([[[0.0, 1.0], [2.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    deep = torch.tensor([[[3.0, 0.0], [0.0, 1.5]], [[0.0, 0.0], [0.0, 2.0]]])
+    fused = fuse_cams([shallow, deep], (2, 2), scaled=[True, False])
+    # shallow class 0 / 4 -> [[0, .25], [.5, 1]] -> tanh(2x); deep class 0 / 3 -> [[1, 0], [0, .5]].
+    expected = torch.tensor([
+        [[1.0, math.tanh(0.5)], [math.tanh(1.0), math.tanh(2.0)]],
+        [[0.0, 0.0], [0.0, 1.0]],  # the all-zero shallow map stays 0
+    ])
+    torch.testing.assert_close(fused, expected)
+
+
+def test_fuse_upsamples_after_tanh_by_hand():
+    # Bilinear, align_corners=False, width 2 -> 4 samples the source at x = 0, .25, .75, 1 (clamped).
+    maps = torch.tensor([[[0.0, 4.0], [0.0, 4.0]]])
+    t = math.tanh(2.0)
+    torch.testing.assert_close(fuse_cams([maps], (2, 4), scaled=[False]), torch.tensor([[[0.0, 0.25, 0.75, 1.0]] * 2]))
+    torch.testing.assert_close(fuse_cams([maps], (2, 4), scaled=[True]), torch.tensor([[[0.0, 0.25 * t, 0.75 * t, t]] * 2]))
+
+
+def test_fuse_constant_maps_and_max_over_layers():
+    fine = torch.zeros(1, 4, 6)
+    fine[0, 1, 2], fine[0, 3, 5] = 10.0, 5.0
+    coarse = torch.full((1, 2, 3), 3.0)  # upsampled, a constant stays that constant
+    fused = fuse_cams([fine, coarse], (4, 6), scaled=[False, True])
+    expected = torch.full((1, 4, 6), math.tanh(2.0))
+    expected[0, 1, 2] = 1.0
+    torch.testing.assert_close(fused, expected)
+
+
+def test_fuse_range_shape_and_empty():
+    torch.manual_seed(0)
+    maps = [torch.rand(3, 5, 7) * 50, torch.rand(3, 2, 3), torch.zeros(3, 4, 4)]
+    fused = fuse_cams(maps, (33, 41), scaled=[True, False, True])
+    assert fused.shape == (3, 33, 41)
+    assert fused.min() >= 0 and fused.max() <= 1 and fused.max() > 0.9
+    assert fuse_cams([torch.zeros(0, 5, 7), torch.zeros(0, 2, 3)], (9, 9), scaled=[True, False]).shape == (0, 9, 9)
+    with pytest.raises(ValueError, match="same K"):
+        fuse_cams([torch.rand(2, 3, 3), torch.rand(3, 3, 3)], (4, 4), scaled=[False, False])
+
+
+def test_normalize_maps():
+    maps = torch.tensor([[[1.0, 2.0], [0.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(normalize_maps(maps), torch.tensor([[[0.25, 0.5], [0.0, 1.0]], [[0.0] * 2] * 2]))
+    torch.testing.assert_close(normalize_maps(maps, scale=True, gamma=3.0)[0, 0, 1], torch.tensor(math.tanh(1.5)))
+
+
+def test_accumulate_multiscale_by_hand():
+    base = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    views = [[base], [base.flip(-1)], [torch.full((1, 1, 1), 10.0)]]
+    (total,) = accumulate_multiscale(views, flipped=[False, True, False], size=(2, 2))
+    torch.testing.assert_close(total, 2 * base + 10)
+    assert views[0][0] is base and torch.equal(base, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
+
+
+def test_under_no_grad_and_inference_mode():
+    model = make_tiny()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    class_ids = [[1, 0], [3]]
+    expected = compute_cams(model, images, class_ids, ["conv1", "act2"])
+    with torch.no_grad():
+        under_no_grad = compute_cams(model, images, class_ids, ["conv1", "act2"])
+    with torch.inference_mode():
+        inference_images = images.clone()  # an inference tensor
+        under_inference = compute_cams(model, inference_images, class_ids, ["conv1", "act2"])
+    assert inference_images.is_inference()
+    for result in (under_no_grad, under_inference):
+        for layer in expected:
+            for mine, reference in zip(result[layer], expected[layer]):
+                assert not mine.requires_grad
+                torch.testing.assert_close(mine, reference)
+    assert expected["conv1"][0].amax() > 0
+
+
+def test_model_built_under_inference_mode_is_a_clear_error():
+    with torch.inference_mode():
+        model = TinyNet()
+    with pytest.raises(ValueError, match="inference tensors"):
+        compute_cams(model, torch.randn(1, 3, 8, 8), [[0]], ["conv1"])
+
+
+@pytest.mark.parametrize(
+    ("model_factory", "layers", "class_ids", "error"),
+    [
+        (make_tiny, ["conv2"], [[0], [1]], None),
+        (make_tiny, ["fc"], [[0], [1]], "must output a \\(N, channels, h, w\\)"),  # raised inside the forward
+        (lambda: ExplodingNet().double(), ["conv1", "act2"], [[0], [1]], "boom"),
+        (make_tiny, ["conv2"], [[0], [5]], "outside the model's 5 logits"),  # raised after the forward
+    ],
+)
+def test_hooks_and_requires_grad_restored(model_factory, layers, class_ids, error):
+    model = model_factory()
+    model.conv1.weight.requires_grad_(False)  # a mixed state, to be restored exactly
+    flags = [p.requires_grad for p in model.parameters()]
+    extra = model.conv2.register_forward_hook(lambda *args: None)  # the caller's own hook survives
+    hooks = hook_state(model)
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    if error is None:
+        compute_cams(model, images, class_ids, layers)
+    else:
+        with pytest.raises((ValueError, RuntimeError), match=error):
+            compute_cams(model, images, class_ids, layers)
+    assert hook_state(model) == hooks
+    assert [p.requires_grad for p in model.parameters()] == flags
+    extra.remove()
+    assert sum(hook_state(model)) == 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_classifier()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"unknown layer 'stage9'.*stage3.*features\.15"):
+        compute_cams(model, images, [[0], [1]], ["stage9"])
+    with pytest.raises(ValueError, match="outside the model's 20 logits"):
+        compute_cams(model, images, [[0], [20]], ["stage5"])
+    with pytest.raises(ValueError, match="outside"):
+        compute_cams(model, images, [[-1], [1]], ["stage5"])
+    with pytest.raises(ValueError, match="2 images"):
+        compute_cams(model, images, [[0]], ["stage5"])
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        compute_cams(model, images, [[0], [1]], ["stage5"], method="scorecam")
+    with pytest.raises(ValueError, match="integer class indices"):
+        compute_cams(model, images, [[0.5], [1]], ["stage5"])
+
+
+def test_empty_class_lists_and_aliases_keyed_as_passed():
+    model = make_classifier()
+    images = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    result = compute_cams(model, images, [[], []], ["stage4", "features.29"])
+    assert list(result) == ["stage4", "features.29"]
+    assert [tuple(m.shape) for m in result["stage4"]] == [(0, 4, 6), (0, 4, 6)]
+    assert [tuple(m.shape) for m in result["features.29"]] == [(0, 2, 3), (0, 2, 3)]
+    mixed = compute_cams(model, images, [[], [4]], "stage4")
+    assert mixed["stage4"][0].shape == (0, 4, 6) and mixed["stage4"][1].shape == (1, 4, 6)
+
+
+def test_layer_that_does_not_reach_the_logits_is_an_error():
+    class DetachedHead(TinyNet):
+        def forward(self, images):
+            return super().forward(images).detach()
+
+    with pytest.raises(ValueError, match="do not depend on the hooked layers"):
+        compute_cams(DetachedHead().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), [[0]], ["conv2"])
