@@ -122,6 +122,22 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy data is allowed")
 
 
+def load_torch_file(path: str | Path, what: str = "file"):
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, so a crafted
+    pickle cannot run code); WeightsError naming the file when missing, unsafe or unreadable."""
+    import torch
+
+    from wsss.errors import WeightsError
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot load {what} safely ({type(exc).__name__}: {exc})") from None
+
+
 def load_pickled_npy(path: str | Path):
     """Load an ``.npy`` that holds a pickled object (IRN's dicts) without executing foreign code.
 

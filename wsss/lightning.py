@@ -6,11 +6,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from wsss.errors import WeightsError
+from wsss.io import load_torch_file
 
 
 class StageCLI(LightningCLI):
@@ -57,13 +57,7 @@ class StageCLI(LightningCLI):
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict, loaded with ``weights_only=True`` so no pickled code can run."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {exc})") from None
+    checkpoint = load_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path} is not a Lightning checkpoint")
     return checkpoint

@@ -21,6 +21,7 @@ from torch import nn
 
 from wsss.classes import NUM_LABELS
 from wsss.errors import WeightsError
+from wsss.io import load_torch_file
 from wsss.models.vgg import load_trunk_weights, load_vgg16_state_dict, scaled_channels, vgg16_features
 
 # (kernel, stride, padding) of pool1..pool4: three stride-2 pools give output stride 8.
@@ -86,16 +87,7 @@ def backbone_from_classifier_checkpoint(path: str | Path) -> dict[str, torch.Ten
     ``model.features.N.*``); the result has keys ``features.N.*`` ready for ``load_trunk_weights``.
     Loaded with ``weights_only=True``: no pickled code runs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"classifier checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"cannot load classifier checkpoint {path} safely ({type(exc).__name__}: {exc}); "
-            "expected a Lightning checkpoint of the stage-1 classifier."
-        ) from exc
+    checkpoint = load_torch_file(path, "classifier checkpoint")
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")

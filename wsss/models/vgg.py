@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from wsss.errors import WeightsError
+from wsss.io import load_torch_file
 
 # Channels of the five VGG16 blocks at width 1.0; the number of 3x3 convs in each.
 VGG16_BLOCK_CHANNELS = (64, 128, 256, 512, 512)
@@ -102,12 +103,10 @@ def load_vgg16_state_dict(weights: str | Path) -> dict[str, torch.Tensor] | None
                 "local path instead of 'imagenet'."
             ) from exc
     path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}. {WEIGHTS_HELP}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot load weights file {path} safely ({type(exc).__name__}: {exc}). {WEIGHTS_HELP}") from exc
+        state = load_torch_file(path, "weights file")
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}. {WEIGHTS_HELP}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith("features.") for k in state):
