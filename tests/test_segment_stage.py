@@ -231,3 +231,23 @@ def test_classifier_checkpoint_is_refused_by_predict_seg(classifier_checkpoint, 
 def test_crf_without_pydensecrf_says_how_to_install(trained, toy_root, tmp_path, capsys):
     assert wsss_main(predict_args(trained / "ckpt" / "best.ckpt", toy_root, tmp_path / "pred", "--crf")) == 2
     assert "pip install 'wsss[crf]'" in capsys.readouterr().err
+
+
+def test_dense_crf_snaps_a_blurry_boundary_to_the_colour_edge():
+    """With pydensecrf installed (`pip install -e ".[crf]"`), the CRF moves a soft, misplaced
+    boundary onto the image's colour edge; skipped where the optional extra is absent."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from wsss.stages.segment import dense_crf
+
+    height, width = 40, 60
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, 30:] = (230, 40, 40)  # colour edge at column 30
+    # Probabilities whose 50/50 crossing sits at column 22 instead, and stay unsure (0.6) near it.
+    columns = np.arange(width)
+    p_right = 1 / (1 + np.exp(-(columns - 22) / 6.0))
+    probs = np.stack([np.broadcast_to(1 - p_right, (height, width)), np.broadcast_to(p_right, (height, width))]).astype(np.float32)
+    before = probs.argmax(0)
+    after = dense_crf(image, probs).argmax(0)
+    truth = np.broadcast_to(columns >= 30, (height, width)).astype(int)
+    assert (before == truth).mean() < 0.9
+    assert (after == truth).mean() > (before == truth).mean() + 0.05
