@@ -20,18 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from wsss.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from wsss.errors import DataError
+from wsss.errors import DataError, name_some
 
 log = logging.getLogger(__name__)
 
 # An image id is a plain file stem: no separators, no leading dot, so it can never escape the root.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
-_MAX_LISTED = 10  # how many offending ids an error message names
-
-
-def _name_some(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
 
 
 class VOCLayout:
@@ -79,12 +73,12 @@ class VOCLayout:
         """Raise one DataError naming every listed id whose JPEG is missing."""
         missing = [i for i in ids if not self.image_path(i).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} listed ids have no image in {self.image_dir}: {_name_some(missing)}")
+            raise DataError(f"{len(missing)} listed ids have no image in {self.image_dir}: {name_some(missing)}")
 
     def check_masks(self, ids: list[str]) -> None:
         missing = [i for i in ids if not self.mask_path(i).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} listed ids have no mask in {self.mask_dir}: {_name_some(missing)}")
+            raise DataError(f"{len(missing)} listed ids have no mask in {self.mask_dir}: {name_some(missing)}")
 
 
 def read_id_list(path: str | Path) -> list[str]:
@@ -116,7 +110,7 @@ def read_id_list(path: str | Path) -> list[str]:
             seen.add(entry)
             ids.append(entry)
     if bad:
-        raise DataError(f"{path}: lines that are not plain image ids (e.g. 2007_000032): {_name_some(bad)}")
+        raise DataError(f"{path}: lines that are not plain image ids (e.g. 2007_000032): {name_some(bad)}")
     if duplicates:
         warnings.warn(f"{path}: {duplicates} duplicate ids ignored", stacklevel=2)
     if not ids:
@@ -204,7 +198,7 @@ class ImageLabels:
             missing = [i for i in ids if not self.path_of(i).is_file()]
             where = str(self.path_of("x").parent)
         if missing:
-            raise DataError(f"{len(missing)} listed ids have no image-level labels in {where}: {_name_some(missing)}")
+            raise DataError(f"{len(missing)} listed ids have no image-level labels in {where}: {name_some(missing)}")
 
     def __call__(self, image_id: str) -> np.ndarray:
         if self._table is not None:

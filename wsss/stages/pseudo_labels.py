@@ -33,23 +33,16 @@ from typing import Any, TypeVar
 import numpy as np
 
 from wsss.classes import NUM_CLASSES
-from wsss.errors import ConfigError, DataError
+from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.io import load_pickled_npy, read_image, read_label_png, write_label_png
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, superpixel_labels
 
 log = logging.getLogger(__name__)
 
 CAM_SUFFIXES = (".npz", ".npy")
-_MAX_NAMED = 10  # how many offending files an error message names
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def name_some(items: Sequence[object], limit: int = _MAX_NAMED) -> str:
-    """``a, b, c, ... (N in all)`` for error messages."""
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 # --------------------------------------------------------------------------- CAM files
@@ -411,6 +404,6 @@ def main(argv: list[str]) -> int:
         print(f"ids without a CAM file (skipped): {name_some(summary.skipped_missing)}")
     if summary.failed:
         messages = list(summary.failed.values())
-        raise DataError(f"{len(messages)} images failed (nothing partial was written):\n  " + "\n  ".join(messages[:_MAX_NAMED])
-                        + (f"\n  ... and {len(messages) - _MAX_NAMED} more" if len(messages) > _MAX_NAMED else ""))
+        raise DataError(f"{len(messages)} images failed (nothing partial was written):\n  " + "\n  ".join(messages[:MAX_NAMED])
+                        + (f"\n  ... and {len(messages) - MAX_NAMED} more" if len(messages) > MAX_NAMED else ""))
     return 0
