@@ -77,10 +77,6 @@ class ClassificationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    @property
-    def data_root(self) -> Path:
-        return resolve_data_root(self.hparams.root)
-
 
 GT_LABELS = "gt"  # ``train_labels`` value meaning "the dataset's own GT masks" (the upper bound)
 
