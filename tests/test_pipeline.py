@@ -1,0 +1,175 @@
+"""`wsss run`: every stage end to end on a tiny configuration, skipping, partial re-runs, kill + resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from wsss.cli import main as cli_main
+from wsss.pipeline import STAGES
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
+
+
+def tiny_config(path: Path, root: Path, out: Path, **changes) -> Path:
+    config = {
+        "data_root": str(root), "out": str(out), "cam_split": "train", "eval_split": "train", "val_split": "val",
+        "classifier": {"config": str(CONFIGS / "classifier.yaml"),
+                       "model": {"width": 0.125}, "trainer": {"max_epochs": 1},
+                       "data": {"crop_size": 64, "batch_size": 8, "num_workers": 0}},
+        "cams": {"num_workers": 0, "batch_size": 4},
+        "eval_cams": {"thresholds": "0.1,0.5"},
+        "pseudo": {"threshold": 0.3, "n_segments": 50, "workers": 1},
+        "segmenter": {"config": str(CONFIGS / "segmenter.yaml"),
+                      "model": {"width": 0.125},
+                      "trainer": {"max_steps": 2, "val_check_interval": 2},
+                      "data": {"crop_size": 33, "batch_size": 2, "num_workers": 0}},
+        "predict": {"num_workers": 0},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snapshot(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_root, tmp_path_factory):
+    """One complete `wsss run` on the tiny configuration (shared; tests copy it before changing anything)."""
+    base = tmp_path_factory.mktemp("pipeline")
+    config = tiny_config(base / "pipeline.yaml", toy_root, base / "out")
+    assert cli_main(["run", "-c", str(config)]) == 0
+    return base / "out"
+
+
+def copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def test_run_writes_every_stage_and_results(finished_run, toy_root):
+    out = finished_run
+    train = (toy_root / "ImageSets/Segmentation/train.txt").read_text().split()
+    val = (toy_root / "ImageSets/Segmentation/val.txt").read_text().split()
+    assert (out / "classifier/best.ckpt").is_file() and (out / "classifier/last.ckpt").is_file()
+    for variant in ("layercam", "gradcam", "gradcampp"):
+        assert sorted(p.stem for p in (out / "cams" / variant).glob("*.npz")) == sorted(train)
+    with np.load(out / "cams/layercam" / f"{train[0]}.npz") as data:
+        assert {"cams", "classes", "stage3", "stage4", "stage5"} <= set(data.files)
+    for variant in ("layercam", "gradcam"):
+        assert sorted(p.stem for p in (out / "pseudo" / variant).glob("*.png")) == sorted(train)
+    assert (out / "segmenter/last.ckpt").is_file()
+    assert sorted(p.stem for p in (out / "predictions/val").glob("*.png")) == sorted(val)
+    assert sorted(p.stem for p in (out / "predictions/train").glob("*.png")) == sorted(train)
+    for stage in STAGES:
+        manifest = json.loads((out / "manifests" / f"{stage}.json").read_text())
+        assert manifest["finished"] is True and manifest["hash"]
+    results = json.loads((out / "results.json").read_text())
+    methods = [(r["stage"], r["method"]) for r in results["rows"]]
+    assert ("CAM seeds", "LayerCAM stage3") in methods and ("pseudo-labels", "Grad-CAM stage5") in methods
+    assert all(r["value"] is None or 0 <= r["value"] <= 1 for r in results["rows"])
+    assert results["data_root"] == str(toy_root.resolve())
+
+
+def test_second_run_skips_everything(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    config = tiny_config(tmp_path / "pipeline.yaml", Path(json.loads((out / "results.json").read_text())["data_root"]), out)
+    before = snapshot(out)
+    assert cli_main(["run", "-c", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (up to date)") == len(STAGES)
+    assert snapshot(out) == before
+
+
+def test_changed_option_reruns_that_stage_and_later_only(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, pseudo={"threshold": 0.5})
+    before = snapshot(out)
+    assert cli_main(["run", "-c", str(config)]) == 0
+    printed = capsys.readouterr().out
+    after = snapshot(out)
+    for stage in ("classifier", "cams", "eval-cams"):
+        assert f"] {stage}: skipped (up to date)" in printed
+        assert after[f"manifests/{stage}.json"] == before[f"manifests/{stage}.json"]
+    assert all(after[k] == before[k] for k in before if k.startswith(("cams/", "classifier/")))
+    for stage in ("pseudo-labels", "eval-pseudo", "segmenter", "predict", "evaluate"):
+        assert f"] {stage}: running" in printed
+        assert after[f"manifests/{stage}.json"] != before[f"manifests/{stage}.json"]
+    assert json.loads((out / "manifests/pseudo-labels.json").read_text())["config"]["threshold"] == 0.5
+
+
+def test_failing_stage_is_named_and_keeps_earlier_outputs(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    broken = sorted((out / "cams/layercam").glob("*.npz"))[0]
+    broken.write_bytes(b"not an npz")
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, pseudo={"threshold": 0.4})
+    before = snapshot(out)
+    assert cli_main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'pseudo-labels' failed" in err and broken.stem in err
+    after = snapshot(out)
+    assert all(after.get(k) == before[k] for k in before if k.startswith(("cams/", "classifier/", "manifests/cams")))
+    assert json.loads((out / "manifests/pseudo-labels.json").read_text())["finished"] is False
+
+
+def test_unknown_key_lists_valid_keys(tmp_path, toy_root, capsys):
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", segmentr={"x": 1})
+    assert cli_main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "segmentr" in err and "valid keys" in err and "segmenter" in err
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", pseudo={"treshold": 0.3})
+    assert cli_main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "treshold" in err and "threshold" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path, toy_root):
+    out = tmp_path / "out"
+    # Enough CAM work to be caught in the middle: all 24 train_aug images, 4 scales + flip, batch 1.
+    shutil.copytree(finished_run / "classifier", out / "classifier")
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, out, cam_split="train_aug",
+                         cams={"scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "batch_size": 1, "num_workers": 0})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "wsss.cli", "run", "-c", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not any((out / "cams/layercam").glob("*.npz")):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(list((out / "cams/layercam").glob("*.npz")))
+    assert 1 <= done < 24
+    assert json.loads((out / "manifests/cams.json").read_text())["finished"] is False
+    assert cli_main(["run", "-c", str(config)]) == 0
+    for path in (out / "cams").rglob("*.npz"):
+        with np.load(path) as data:
+            assert data["cams"].shape[0] == data["classes"].shape[0]
+    for path in list((out / "pseudo").rglob("*.png")) + list((out / "predictions").rglob("*.png")):
+        Image.open(path).load()
+    assert len(list((out / "cams/layercam").glob("*.npz"))) == 24
+    assert not list(out.rglob("*.tmp*"))
