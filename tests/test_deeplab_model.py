@@ -264,6 +264,29 @@ def test_classifier_checkpoint_of_other_width_is_refused(tmp_path):
         DeepLabLargeFOV(weights=f"classifier:{tmp_path / 'wide.ckpt'}", width=NARROW)
 
 
+def test_batch_norm_trunk_loads_from_a_batch_norm_classifier_and_only_from_one(tmp_path):
+    from wsss.models.classifier import CAMClassifier
+
+    torch.manual_seed(3)
+    classifier = CAMClassifier(weights="none", width=NARROW, batch_norm=True)
+    for module in classifier.features.modules():  # non-default BN statistics, so copying them is visible
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    path = tmp_path / "bn.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in classifier.state_dict().items()}}, path)
+
+    model = DeepLabLargeFOV(weights=f"classifier:{path}", width=NARROW, batch_norm=True)
+    own = model.features.state_dict()
+    assert any(k.endswith("running_mean") for k in own)
+    for key, value in classifier.features.state_dict().items():
+        assert torch.equal(own[key], value), key
+    with pytest.raises(WeightsError, match="bn.ckpt"):  # BN keys do not fit a plain trunk
+        DeepLabLargeFOV(weights=f"classifier:{path}", width=NARROW)
+    with pytest.raises(WeightsError, match="batch_norm"):
+        DeepLabLargeFOV(weights="imagenet", batch_norm=True)
+
+
 def test_param_groups_follow_deeplab_convention():
     model = narrow()
     groups = model.param_groups()

@@ -19,6 +19,12 @@ from wsss.errors import DataError
 MAX_IMAGE_PIXELS = 40_000_000
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it over ``final`` only if the block succeeds.
@@ -30,6 +36,9 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
+    # mkstemp creates 0600 files; outputs should get the permissions any new file gets (0666 less the
+    # umask), or colleagues sharing a results folder could not read them.
+    os.chmod(tmp_name, 0o666 & ~_umask())
     tmp = Path(tmp_name)
     try:
         yield tmp

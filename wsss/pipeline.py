@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
     "segmenter": {"config": None},
     "predict": {"scales": [1.0], "flip": False, "batch_size": 1, "num_workers": 2, "accelerator": "auto"},
 }
+# In the segmenter section, `model.weights: classifier` starts the segmenter's trunk from this run's
+# classifier (the toy preset's stand-in for ImageNet initialisation, which the toy data has none of).
+THIS_RUNS_CLASSIFIER = "classifier"
 FREE_SECTIONS = ("classifier", "segmenter")  # LightningCLI overrides: any key, checked by the stage itself
 SECTION_OF = {"classifier": "classifier", "cams": "cams", "eval-cams": "eval_cams", "pseudo-labels": "pseudo",
               "eval-pseudo": None, "segmenter": "segmenter", "predict": "predict", "evaluate": None}
@@ -383,7 +387,11 @@ class Pipeline:
         from wsss.stages import segment
 
         section = self.config["segmenter"]
-        argv = ["-c", section["config"], *cli_overrides(section), "--data.root", str(self.data_root),
+        overrides = cli_overrides(section)
+        for index in range(0, len(overrides), 2):  # `model.weights: classifier` = this run's stage-1 classifier
+            if overrides[index] == "--model.weights" and overrides[index + 1] == THIS_RUNS_CLASSIFIER:
+                overrides[index + 1] = f"classifier:{self.out / 'classifier' / 'best.ckpt'}"
+        argv = ["-c", section["config"], *overrides, "--data.root", str(self.data_root),
                 "--data.train_labels", str(self.out / "pseudo" / "layercam"),
                 "--data.train_split", self.config["cam_split"], "--data.val_split", self.config["val_split"],
                 "--checkpoint.dirpath", str(self.out / "segmenter"),
@@ -499,19 +507,24 @@ def _clear(paths: list[Path]) -> None:
             path.unlink()
 
 
-def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Run every stage that is not up to date; returns the contents of ``OUT/results.json``."""
+def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: bool = False, until: str | None = None) -> dict[str, Any]:
+    """Run every stage that is not up to date, stopping after ``until`` if given.
+
+    Returns the results table (the contents of ``OUT/results.json`` when the run got that far).
+    """
     from wsss.data import resolve_data_root
 
-    if start_from is not None and start_from not in STAGES:
-        raise ConfigError(f"--from {start_from!r}: choose from {', '.join(STAGES)}")
+    for option, stage in (("--from", start_from), ("--until", until)):
+        if stage is not None and stage not in STAGES:
+            raise ConfigError(f"{option} {stage!r}: choose from {', '.join(STAGES)}")
+    last = STAGES.index(until) if until else len(STAGES) - 1
     out = Path(config["out"]).expanduser()
     data_root = resolve_data_root(config["data_root"]).resolve()
     pipeline = Pipeline(config, out, data_root)
     forced = set(STAGES) if force else set(STAGES[STAGES.index(start_from):]) if start_from else set()
     total = time.perf_counter()
     print(f"wsss run: data {data_root}, output {out.resolve()}", flush=True)
-    for number, stage in enumerate(STAGES, 1):
+    for number, stage in enumerate(STAGES[:last + 1], 1):
         digest = pipeline.stage_hash(stage)
         pipeline.hashes[stage] = digest
         manifest = read_manifest(out, stage)
@@ -539,8 +552,12 @@ def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: b
         _write_json(out / "manifests" / f"{stage}.json", {**record, **produced, "seconds": round(seconds, 2), "finished": True,
                                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{banner}: done in {seconds:.1f}s", flush=True)
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    print(f"wsss run: finished in {time.perf_counter() - total:.1f}s; results in {out / 'results.json'}\n")
+    if STAGES[last] == "evaluate":
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        print(f"wsss run: finished in {time.perf_counter() - total:.1f}s; results in {out / 'results.json'}\n")
+    else:
+        results = build_results(pipeline, {})
+        print(f"wsss run: stopped after '{STAGES[last]}' in {time.perf_counter() - total:.1f}s\n")
     print(results_table(results), flush=True)
     return results
 
@@ -567,11 +584,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data-root", default=None, help="overrides data_root of the config ('toy' = built-in toy dataset)")
     parser.add_argument("--out", default=None, help="overrides out of the config (output folder)")
     parser.add_argument("--from", dest="start_from", default=None, choices=STAGES, help="re-run this stage and every later one")
+    parser.add_argument("--until", default=None, choices=STAGES, help="stop after this stage")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
     config = load_config(args.config, {"data_root": args.data_root, "out": args.out})
-    run_pipeline(config, args.start_from, args.force)
+    quiet_library_logs()
+    run_pipeline(config, args.start_from, args.force, args.until)
     return 0
+
+
+def quiet_library_logs() -> None:
+    """Keep a whole-pipeline run readable: Lightning's per-Trainer banners (devices, tips, model
+    summaries) and the stages' per-validation tables repeat for every stage; the run prints its
+    own progress and one results table. Warnings and errors still show."""
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "wsss.stages"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # Lightning's own, once per Trainer
 
 
 def default_toy_config() -> Path:
@@ -594,6 +622,7 @@ def demo_main(argv: list[str]) -> int:
     root = resolve_data_root("toy")
     print(f"wsss demo: toy dataset at {root}", flush=True)
     config = load_config(default_toy_config(), {"data_root": str(root), "out": args.out})
+    quiet_library_logs()
     run_pipeline(config, force=args.force)
     try:
         from wsss.report import write_report

@@ -111,13 +111,18 @@ class DeepLabLargeFOV(nn.Module):
             ``"classifier:/path/to.ckpt"`` (stage-1 classifier trunk) or ``"none"``.
         width: channel multiplier (1.0 is the paper's network; smaller for tests/toy runs).
             ImageNet weights need 1.0; a local file or checkpoint must match ``width``.
+        batch_norm: VGG16-BN trunk (not the paper's network): only from random weights or from a
+            stage-1 classifier trained with ``batch_norm`` (the toy preset, where no ImageNet exists).
     """
 
-    def __init__(self, num_classes: int = NUM_LABELS, weights: str | Path = "imagenet", width: float = 1.0):
+    def __init__(self, num_classes: int = NUM_LABELS, weights: str | Path = "imagenet", width: float = 1.0, batch_norm: bool = False):
         super().__init__()
         if str(weights).lower() == "imagenet" and width != 1.0:
             raise WeightsError(f"ImageNet VGG16 weights need width=1.0 (got width={width}); use weights='none'.")
-        self.features = vgg16_features(width, DEEPLAB_POOL_SPECS, block5_dilation=CONV5_DILATION)
+        if batch_norm and not (str(weights).lower() == "none" or str(weights).startswith(CLASSIFIER_WEIGHTS_SCHEME)):
+            raise WeightsError(f"batch_norm=True has no VGG16 weights to start from ({weights!r}); "
+                               f"use weights='none' or '{CLASSIFIER_WEIGHTS_SCHEME}<checkpoint of a batch_norm classifier>'")
+        self.features = vgg16_features(width, DEEPLAB_POOL_SPECS, block5_dilation=CONV5_DILATION, batch_norm=batch_norm)
         trunk_channels = scaled_channels(512, width)
         fc_channels = scaled_channels(1024, width)
         self.pool5 = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)

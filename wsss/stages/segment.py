@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +148,7 @@ class SegmenterSystem(pl.LightningModule):
         weight_decay: L2 weight decay (not on biases).
         poly_power: exponent of the per-step poly schedule (1 - step/max_steps) ** power.
         channels_last: NHWC memory format (faster convolutions on recent GPUs).
+        batch_norm: VGG16-BN trunk (toy preset only; see :class:`DeepLabLargeFOV`).
     """
 
     def __init__(
@@ -160,10 +162,11 @@ class SegmenterSystem(pl.LightningModule):
         weight_decay: float = 5e-4,
         poly_power: float = 0.9,
         channels_last: bool = False,
+        batch_norm: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = DeepLabLargeFOV(num_classes, weights=weights, width=width)
+        self.model = DeepLabLargeFOV(num_classes, weights=weights, width=width, batch_norm=batch_norm)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.val_metric = SegmentationMetric(num_classes, IGNORE_INDEX)
@@ -249,7 +252,10 @@ def load_segmenter(path: str | Path) -> tuple[DeepLabLargeFOV, dict[str, Any]]:
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     state = checkpoint.get("state_dict")
-    model = DeepLabLargeFOV(int(hparams.get("num_classes", NUM_LABELS)), weights="none", width=float(hparams.get("width", 1.0)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="VGG16 weights='none'")  # every weight comes from the checkpoint
+        model = DeepLabLargeFOV(int(hparams.get("num_classes", NUM_LABELS)), weights="none", width=float(hparams.get("width", 1.0)),
+                                batch_norm=bool(hparams.get("batch_norm", False)))
     if isinstance(state, dict):
         state = {k: v for k, v in state.items() if not k.startswith("val_metric.")}
     expected = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
