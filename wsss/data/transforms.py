@@ -42,8 +42,8 @@ class RandomRescale(v2.Transform):
 
 class ResizeLongerSide(v2.Transform):
     """Resize so the longer side is ``size`` (the shorter side as torchvision's
-    ``Resize(None, max_size=size)`` computes it), but never below 1 pixel: torchvision's rounds
-    the height of a 1 x 300 strip to 0 and fails inside its kernel."""
+    ``Resize(None, max_size=size)`` computes it), but never below 1 pixel: torchvision's own
+    rounds the height of a 1 x 300 strip to 0 and fails inside its kernel."""
 
     def __init__(self, size: int):
         super().__init__()
