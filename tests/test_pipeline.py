@@ -31,7 +31,8 @@ def tiny_config(path: Path, root: Path, out: Path, **changes) -> Path:
         "eval_cams": {"thresholds": "0.1,0.5"},
         "pseudo": {"threshold": 0.3, "n_segments": 50, "workers": 1},
         "segmenter": {"config": str(CONFIGS / "segmenter.yaml"),
-                      "model": {"width": 0.125},
+                      # as the demo: the trunk starts from this run's (batch-norm) classifier
+                      "model": {"width": 0.125, "batch_norm": True, "weights": "classifier"},
                       "trainer": {"max_steps": 2, "val_check_interval": 2},
                       "data": {"crop_size": 33, "batch_size": 2, "num_workers": 0}},
         "predict": {"num_workers": 0},
@@ -173,3 +174,18 @@ def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path, toy
         Image.open(path).load()
     assert len(list((out / "cams/layercam").glob("*.npz"))) == 24
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_until_stops_after_the_named_stage(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, pseudo={"threshold": 0.45})
+    before = snapshot(out)
+    assert cli_main(["run", "-c", str(config), "--until", "eval-pseudo"]) == 0
+    printed = capsys.readouterr().out
+    assert "] pseudo-labels: running" in printed and "] eval-pseudo: running" in printed
+    assert "segmenter" not in printed.split("stopped after")[0].split("eval-pseudo: done")[1]
+    assert "stopped after 'eval-pseudo'" in printed and "pseudo-labels" in printed.split("stopped after")[1]
+    after = snapshot(out)
+    assert after["manifests/segmenter.json"] == before["manifests/segmenter.json"]  # not touched
+    assert json.loads((out / "manifests/pseudo-labels.json").read_text())["config"]["threshold"] == 0.45

@@ -7,12 +7,13 @@ import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wsss.classes import IGNORE_INDEX, NUM_LABELS, voc_palette
-from wsss.errors import DataError
+from wsss.errors import DataError, OutputError
 
 # Refuse images whose decoded size would take more than this many pixels (~ 8k x 8k is 64 MP);
 # PIL's own bomb check only warns below 179 MP.
@@ -48,29 +49,73 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def _open_image(path: Path) -> Image.Image:
+class ImageInfo(NamedTuple):
+    """What an image file's header says, read without decoding a pixel."""
+
+    height: int
+    width: int
+    mode: str
+
+
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with the checks every image reader shares: the file exists, is
+    not empty, is an image, and is at most MAX_IMAGE_PIXELS, refused before any pixel is decoded."""
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty (0 bytes)")
         image = Image.open(path)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise DataError(
-                f"{path}: image is {image.width}x{image.height}, more than the {MAX_IMAGE_PIXELS:,} pixels "
-                "this pipeline accepts; downscale it first"
-            )
-        image.load()  # decode now so truncation is reported here, not deep inside a transform
-        return image
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image is larger than the {MAX_IMAGE_PIXELS:,} pixels this pipeline accepts ({exc}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise DataError(
+            f"{path}: image is {image.width}x{image.height}, more than the {MAX_IMAGE_PIXELS:,} pixels "
+            "this pipeline accepts; downscale it first"
+        )
+    return image
+
+
+def _decode(image: Image.Image, path: Path) -> Image.Image:
+    try:
+        image.load()  # decode now so truncation is reported here, not deep inside a transform
+    except Exception as exc:  # any decoder failure (OSError, SyntaxError, zlib.error, ...) is this file's fault
+        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc})") from None
+    return image
+
+
+def image_info(path: str | Path) -> ImageInfo:
+    """Size and mode of an image from its header alone, with the same checks and errors as
+    :func:`read_image` (empty, unreadable, too large), for size look-ups that must not decode."""
+    path = Path(path)
+    with _open_header(path) as image:
+        return ImageInfo(image.height, image.width, image.mode)
+
+
+def _is_deeper_than_8_bits(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;")
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB image as (H, W, 3) uint8; grayscale, CMYK, palette and RGBA images are converted."""
-    image = _open_image(Path(path))
+    """RGB image as (H, W, 3) uint8; grayscale, CMYK, palette and RGBA images are converted.
+
+    16-bit and floating-point images are refused: PIL's conversion to RGB clips them to white or
+    black, which would be a silently wrong input.
+    """
+    path = Path(path)
+    image = _open_header(path)
+    if _is_deeper_than_8_bits(image.mode):
+        image.close()
+        raise DataError(f"{path}: mode {image.mode} image (more than 8 bits per sample) is not supported; convert it to 8-bit RGB first")
+    image = _decode(image, path)
     if image.mode != "RGB":
-        image = image.convert("RGB")  # RGBA: alpha dropped; CMYK/L/P: colour-converted
+        try:
+            image = image.convert("RGB")  # RGBA: alpha dropped; CMYK/L/P: colour-converted
+        except ValueError as exc:  # modes PIL cannot convert (LAB, HSV)
+            raise DataError(f"{path}: cannot convert a mode {image.mode} image to RGB ({exc})") from None
     return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
@@ -81,15 +126,24 @@ def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
     its colours would have to be guessed back into labels.
     """
     path = Path(path)
-    image = _open_image(path)
+    image = _open_header(path)
     if image.mode not in ("P", "L", "I", "I;16"):
+        image.close()
         raise DataError(f"{path}: label PNG must be a palette or single-channel image, got mode {image.mode}")
-    labels = np.asarray(image)
+    labels = np.asarray(_decode(image, path))
     if check_values:
         bad = np.setdiff1d(np.unique(labels), [*range(NUM_LABELS), IGNORE_INDEX])
         if bad.size:
             raise DataError(f"{path}: label values outside 0..{NUM_LABELS - 1} and {IGNORE_INDEX}: {bad[:10].tolist()}")
     return labels.astype(np.uint8)
+
+
+def check_mask_size(mask_path: str | Path, mask_shape: tuple[int, ...], image_path: str | Path, image_shape: tuple[int, ...]) -> None:
+    """DataError naming the mask unless its (H, W) is its image's: masks are never resized to fit,
+    since a mask of another size almost always belongs to another image."""
+    (mask_h, mask_w), (image_h, image_w) = tuple(mask_shape[:2]), tuple(image_shape[:2])
+    if (mask_h, mask_w) != (image_h, image_w):
+        raise DataError(f"{mask_path}: mask is {mask_w}x{mask_h} but its image {image_path} is {image_w}x{image_h}")
 
 
 def write_label_png(path: str | Path, labels: np.ndarray) -> None:
@@ -113,6 +167,40 @@ def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
             return all(key in data.files for key in keys)
     except Exception:
         return False
+
+
+def _why_not_writable(folder: Path) -> str | None:
+    """None if a file can be written in ``folder`` (or, while it does not exist, in its deepest
+    existing ancestor, where it would be created); else why not. Creates nothing."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+    except OSError as exc:
+        return f"{existing}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def ensure_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Prove that files can be written in ``path`` (it may not exist yet), so that a stage fails
+    at once with a message naming the folder, not when it first saves after hours of work."""
+    path = Path(path).expanduser()
+    reason = _why_not_writable(path)
+    if reason is not None:
+        raise OutputError(f"cannot write to {what} {path}: {reason}")
+    return path
+
+
+def ensure_output_file(path: str | Path, what: str = "output file") -> Path:
+    """:func:`ensure_output_dir` for the folder of an output file (which must not be a folder)."""
+    path = Path(path).expanduser()
+    reason = "it is a folder" if path.is_dir() else _why_not_writable(path.parent)
+    if reason is not None:
+        raise OutputError(f"cannot write {what} {path}: {reason}")
+    return path
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

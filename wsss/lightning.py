@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,45 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from wsss.errors import WeightsError
-from wsss.io import load_torch_file
+from wsss.io import ensure_output_dir, load_torch_file
+
+
+# jsonargparse's unknown-key errors; the group named (or the unrecognised option's prefix) says
+# which keys to list.
+_UNKNOWN_KEY = re.compile(
+    r"Group '(?P<group>[\w.]+)' does not accept option|Option '[\w.]+' is not accepted|unrecognized arguments: --(?P<option>[\w.]+)"
+)
+_NOT_CONFIG_KEYS = {"", "help", "config", "print_config", "print_shtab"}
+
+
+class StageArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose unknown-key errors end with the keys valid at that level
+    (jsonargparse names only the bad key, and its usage text buries the rest)."""
+
+    def valid_keys(self, group: str = "") -> list[str]:
+        """Config keys directly under ``group`` ("" = the top level)."""
+        prefix = f"{group}." if group else ""
+        return sorted({a.dest[len(prefix):].split(".")[0] for a in self._actions if a.dest.startswith(prefix)} - _NOT_CONFIG_KEYS)
+
+    def error(self, message: str, ex: Exception | None = None):
+        match = _UNKNOWN_KEY.search(message)
+        if match is not None and self.exit_on_error:  # only the top-level parser: nested ones raise to it
+            group = match["group"] or (match["option"] or "").rpartition(".")[0]
+            keys = self.valid_keys(group)
+            while not keys and group:  # a misspelt group (--modle.width): list the level above
+                group = group.rpartition(".")[0]
+                keys = self.valid_keys(group)
+            if keys:
+                message += f"\nvalid keys {f'in {group!r}' if group else 'at the top level'}: {', '.join(keys)}"
+        super().error(message, ex)
 
 
 class StageCLI(LightningCLI):
     """LightningCLI with our defaults: best/last checkpoints in ``checkpoint_dir`` (``--checkpoint.*``),
     CSV logs under ``runs/<log_name>``, ``--ckpt_path`` to resume (``last`` picks the last one)."""
 
-    def __init__(self, model_class, datamodule_class, *, args: list[str], prog: str, checkpoint_dir: str, monitor: str, log_name: str, **kwargs: Any):
+    def __init__(self, model_class, datamodule_class, *, args: list[str], prog: str, checkpoint_dir: str, monitor: str, log_name: str, parse_only: bool = False, **kwargs: Any):
+        self.parse_only = parse_only  # only check the options (``wsss run`` does before any stage)
         self._checkpoint_defaults = {
             "checkpoint.dirpath": checkpoint_dir,
             "checkpoint.filename": "best",
@@ -39,8 +71,13 @@ class StageCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": prog},
+            parser_class=StageArgumentParser,
             **kwargs,
         )
+
+    def instantiate_classes(self) -> None:
+        if not self.parse_only:
+            super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -48,11 +85,22 @@ class StageCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from ('last' = the newest last.ckpt).")
 
     def fit(self) -> None:
+        check_output_dirs(self.trainer)
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.get("ckpt_path"))
         callback = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and callback is not None:
             print(f"best checkpoint: {callback.best_model_path or '(none)'}  ({callback.monitor}={float(callback.best_model_score or float('nan')):.4f})")
             print(f"last checkpoint: {callback.last_model_path or '(none)'}")
+
+
+def check_output_dirs(trainer) -> None:
+    """Refuse unwritable checkpoint and log folders before training, not at the first save."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is not None:
+            ensure_output_dir(callback.dirpath, "checkpoint folder")
+    for logger in trainer.loggers:
+        if logger.save_dir is not None:
+            ensure_output_dir(logger.save_dir, "log folder")
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ whose hash changed, or that is forced (``--from``/``--force``), starts from an e
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -303,15 +304,40 @@ class Pipeline:
         return True  # evaluation stages: their numbers live in the manifest
 
     # -- the stages
-    def run_classifier(self) -> dict[str, Any]:
-        from wsss.stages import classify
-
+    def classifier_argv(self) -> list[str]:
         section = self.config["classifier"]
-        argv = ["-c", section["config"], *cli_overrides(section), "--data.root", str(self.data_root),
+        return ["-c", section["config"], *cli_overrides(section), "--data.root", str(self.data_root),
                 "--data.val_split", self.config["val_split"],
                 "--checkpoint.dirpath", str(self.out / "classifier"),
                 "--trainer.logger.init_args.save_dir", str(self.out / "logs")]
-        _call_stage_main(classify.main, argv)
+
+    def segmenter_argv(self) -> list[str]:
+        section = self.config["segmenter"]
+        overrides = cli_overrides(section)
+        for index in range(0, len(overrides), 2):  # `model.weights: classifier` = this run's stage-1 classifier
+            if overrides[index] == "--model.weights" and overrides[index + 1] == THIS_RUNS_CLASSIFIER:
+                overrides[index + 1] = f"classifier:{self.out / 'classifier' / 'best.ckpt'}"
+        return ["-c", section["config"], *overrides, "--data.root", str(self.data_root),
+                "--data.train_labels", str(self.out / "pseudo" / "layercam"),
+                "--data.train_split", self.config["cam_split"], "--data.val_split", self.config["val_split"],
+                "--checkpoint.dirpath", str(self.out / "segmenter"),
+                "--trainer.logger.init_args.save_dir", str(self.out / "logs")]
+
+    def check_training_options(self) -> None:
+        """Parse both training stages' options now: a misspelt key in the segmenter section must
+        not wait for the classifier, CAM and pseudo-label stages to finish before it is reported."""
+        from wsss.stages import classify, segment
+
+        for section, entry, argv in (("classifier", classify.main, self.classifier_argv()), ("segmenter", segment.main, self.segmenter_argv())):
+            try:
+                _call_stage_main(functools.partial(entry, parse_only=True), argv)
+            except ConfigError as exc:
+                raise ConfigError(f"'{section}' section: {exc}") from None
+
+    def run_classifier(self) -> dict[str, Any]:
+        from wsss.stages import classify
+
+        _call_stage_main(classify.main, self.classifier_argv())
         best = self.out / "classifier" / "best.ckpt"
         if not best.is_file():
             raise DataError(f"train-cls finished without writing {best} (did validation run? check trainer options)")
@@ -386,17 +412,7 @@ class Pipeline:
     def run_segmenter(self) -> dict[str, Any]:
         from wsss.stages import segment
 
-        section = self.config["segmenter"]
-        overrides = cli_overrides(section)
-        for index in range(0, len(overrides), 2):  # `model.weights: classifier` = this run's stage-1 classifier
-            if overrides[index] == "--model.weights" and overrides[index + 1] == THIS_RUNS_CLASSIFIER:
-                overrides[index + 1] = f"classifier:{self.out / 'classifier' / 'best.ckpt'}"
-        argv = ["-c", section["config"], *overrides, "--data.root", str(self.data_root),
-                "--data.train_labels", str(self.out / "pseudo" / "layercam"),
-                "--data.train_split", self.config["cam_split"], "--data.val_split", self.config["val_split"],
-                "--checkpoint.dirpath", str(self.out / "segmenter"),
-                "--trainer.logger.init_args.save_dir", str(self.out / "logs")]
-        _call_stage_main(segment.main, argv)
+        _call_stage_main(segment.main, self.segmenter_argv())
         best = self.out / "segmenter" / "best.ckpt"
         return {"counts": {"checkpoints": 2 if best.is_file() else 1},
                 "results": {"val_mIoU": checkpoint_score(best) if best.is_file() else None}}
@@ -513,14 +529,16 @@ def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: b
     Returns the results table (the contents of ``OUT/results.json`` when the run got that far).
     """
     from wsss.data import resolve_data_root
+    from wsss.io import ensure_output_dir
 
     for option, stage in (("--from", start_from), ("--until", until)):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"{option} {stage!r}: choose from {', '.join(STAGES)}")
     last = STAGES.index(until) if until else len(STAGES) - 1
-    out = Path(config["out"]).expanduser()
+    out = ensure_output_dir(config["out"])
     data_root = resolve_data_root(config["data_root"]).resolve()
     pipeline = Pipeline(config, out, data_root)
+    pipeline.check_training_options()
     forced = set(STAGES) if force else set(STAGES[STAGES.index(start_from):]) if start_from else set()
     total = time.perf_counter()
     print(f"wsss run: data {data_root}, output {out.resolve()}", flush=True)

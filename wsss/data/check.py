@@ -11,7 +11,7 @@ from tqdm import tqdm
 from wsss.data import resolve_data_root
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError, WsssError
-from wsss.io import read_image, read_label_png
+from wsss.io import check_mask_size, read_image, read_label_png
 
 
 def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:
@@ -25,10 +25,15 @@ def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tup
     if mask_path.is_file():
         try:
             mask = read_label_png(mask_path)
-            if mask.shape != image.shape[:2]:
-                problems.append(("mask size", f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"))
         except DataError as exc:
             problems.append(("mask", str(exc)))
+        else:
+            try:
+                check_mask_size(mask_path, mask.shape, layout.image_path(image_id), image.shape)
+            except DataError as exc:
+                problems.append(("mask size", str(exc)))
+    if labels.kind == "masks" and problems:
+        return problems  # the labels would be read from the mask just reported: no second message
     try:
         if not labels(image_id).any():
             problems.append(("no labels", f"{image_id}: no image-level class ({labels.description}); CAM stages write K=0 for it"))

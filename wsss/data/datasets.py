@@ -9,8 +9,7 @@ from torch.utils.data import Dataset
 
 from wsss.data.transforms import to_tv
 from wsss.data.voc import ImageLabels, VOCLayout
-from wsss.errors import DataError
-from wsss.io import read_image, read_label_png
+from wsss.io import check_mask_size, read_image, read_label_png
 
 
 class ClassificationDataset(Dataset):
@@ -45,8 +44,7 @@ class SegmentationDataset(Dataset):
         image = read_image(self.layout.image_path(image_id))
         mask_path = self.mask_dir / f"{image_id}.png"
         mask = read_label_png(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}")
+        check_mask_size(mask_path, mask.shape, self.layout.image_path(image_id), image.shape)
         image_t, mask_t = self.transform(*to_tv(image, mask))
         return {"id": image_id, "image": image_t, "mask": mask_t.long()}
 

@@ -40,6 +40,24 @@ class RandomRescale(v2.Transform):
         return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
 
 
+class ResizeLongerSide(v2.Transform):
+    """Resize so the longer side is ``size`` (the shorter side as torchvision's
+    ``Resize(None, max_size=size)`` computes it), but never below 1 pixel: torchvision's own
+    rounds the height of a 1 x 300 strip to 0 and fails inside its kernel."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        short = max(1, int(self.size * min(height, width) / max(height, width)))
+        return {"size": [self.size, short] if height >= width else [short, self.size]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
+
+
 class PadTo(v2.Transform):
     """Pad right and bottom up to ``size`` x ``size`` (image with the mean colour, mask with 255)."""
 
@@ -83,7 +101,7 @@ def train_transform(
 def fit_transform(size: int) -> v2.Compose:
     """Deterministic: resize the longer side to ``size``, pad to ``size`` x ``size`` with the mean
     colour. For batched evaluation of the classifier on images of mixed sizes."""
-    return v2.Compose([v2.Resize(size=None, max_size=size), PadTo(size), *_finish()])
+    return v2.Compose([ResizeLongerSide(size), PadTo(size), *_finish()])
 
 
 def eval_transform() -> v2.Compose:

@@ -211,6 +211,13 @@ class ImageLabels:
             return row
         if self.kind == "annotations":
             return labels_from_annotation(self.path_of(image_id))
-        from wsss.io import read_label_png
+        from wsss.io import check_mask_size, image_info, read_label_png
 
-        return labels_from_mask(read_label_png(self.path_of(image_id)))
+        mask_path = self.path_of(image_id)
+        mask = read_label_png(mask_path)
+        # The classes of another image's mask would be silently wrong labels: compare sizes
+        # (the image's header only, no decoding).
+        image_path = self.layout.image_path(image_id)
+        info = image_info(image_path)
+        check_mask_size(mask_path, mask.shape, image_path, (info.height, info.width))
+        return labels_from_mask(mask)

@@ -30,6 +30,8 @@ class CAMClassifier(nn.Module):
         if batch_norm and str(weights).lower() != "none":
             raise WeightsError("batch_norm=True has no pretrained VGG16 weights here; use weights='none' or batch_norm=False")
         self.features = vgg16_features(width, batch_norm=batch_norm)
+        # Smallest input side that leaves a conv5_3 position (each 2x2/2 max-pool halves the size).
+        self.min_input_side = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
         # Public names of the stage outputs the CAM stage hooks, mapped to module names.
         self.layer_aliases = {name: f"features.{index}" for name, index in stage_indices(batch_norm).items()}
         trunk_channels = scaled_channels(512, width)

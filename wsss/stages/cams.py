@@ -18,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps, resolve_layers
@@ -27,7 +26,7 @@ from wsss.data.datasets import ImageDataset, collate_list, labels_to_class_ids
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import ConfigError
-from wsss.io import is_valid_npz, write_npz
+from wsss.io import ensure_output_dir, image_info, is_valid_npz, write_npz
 
 log = logging.getLogger(__name__)
 CAM_KEYS = ("classes", "cams")
@@ -47,6 +46,9 @@ class CamSystem(pl.LightningModule):
         if method not in METHODS:
             raise ConfigError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
         self.classifier = classifier.eval()
+        # Views smaller than this leave no position at the deepest layer (VGG16: 16 px, four
+        # 2x2 pools); they are enlarged to it, and their maps resized to the image like any view's.
+        self.min_view_side = int(getattr(classifier, "min_input_side", 1))
         self.layers, self.scaled, self.method, self.gamma = list(layers), list(scaled), method, gamma
         self.views = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
 
@@ -58,8 +60,8 @@ class CamSystem(pl.LightningModule):
         out: list[list[torch.Tensor]] = [[] for _ in images]
         for (height, width), members in groups.items():
             batch = torch.stack([images[i] for i in members])
-            if scale != 1.0:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            size = (max(self.min_view_side, round(height * scale)), max(self.min_view_side, round(width * scale)))
+            if size != (height, width):
                 batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
             if flipped:
                 batch = batch.flip(-1)
@@ -117,15 +119,6 @@ class ImagesPerSecondBar(TQDMProgressBar):
             self.predict_progress_bar.set_postfix(img_s=f"{self._images / elapsed:.2f}")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding; (0, 0) if unreadable (the loader reports it)."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except Exception:
-        return (0, 0)
-
-
 def pending_ids(ids: list[str], out_dir: Path, overwrite: bool) -> list[str]:
     """Ids whose output is missing or incomplete (everything with ``overwrite``)."""
     if overwrite:
@@ -166,6 +159,7 @@ def run_cams(
     ids = layout.read_ids(split)
     layout.check_images(ids)
     image_labels.check(ids)
+    ensure_output_dir(out_dir)
     system = CamSystem(load_classifier(checkpoint), list(layers), [layer in scaled_layers for layer in layers], method, gamma, tuple(scales), flip)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = pending_ids(ids, out_dir, overwrite)
@@ -173,7 +167,8 @@ def run_cams(
     if todo:
         # Each backward serves one class slot of the whole batch, and only equal-sized images share
         # a forward: batching images with the same class count and size wastes no work.
-        todo.sort(key=lambda i: (int(image_labels(i).sum()), _image_size(layout.image_path(i))))
+        # Header reads only; an unreadable or too large image is refused here, before any work.
+        todo.sort(key=lambda i: (int(image_labels(i).sum()), image_info(layout.image_path(i))[:2]))
         dataset = ImageDataset(layout, todo, eval_transform(), image_labels)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
         callbacks: list[pl.Callback] = [CamWriter(out_dir, save_layers)]

@@ -134,8 +134,9 @@ def load_classifier(path) -> CAMClassifier:
     return load_system_checkpoint(path, ClassifierSystem, "model.classifier.weight", "classifier (wsss train-cls)").model
 
 
-def main(argv: list[str]) -> int:
-    """``wsss train-cls``: LightningCLI over ClassifierSystem and ClassificationDataModule."""
+def main(argv: list[str], parse_only: bool = False) -> int:
+    """``wsss train-cls``: LightningCLI over ClassifierSystem and ClassificationDataModule
+    (``parse_only``: check the options and stop, as ``wsss run`` does before any stage)."""
     from wsss.data.modules import ClassificationDataModule
     from wsss.lightning import StageCLI
 
@@ -147,6 +148,8 @@ def main(argv: list[str]) -> int:
         checkpoint_dir="checkpoints/classifier",
         monitor="val/mAP",
         log_name="classifier",
+        parse_only=parse_only,
     )
-    cli.fit()
+    if not parse_only:
+        cli.fit()
     return 0

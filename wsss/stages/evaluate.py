@@ -27,7 +27,7 @@ import numpy as np
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
 from wsss.errors import ConfigError, DataError
-from wsss.io import atomic_path, read_label_png
+from wsss.io import atomic_path, ensure_output_file, image_info, read_label_png
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
 from wsss.stages.pseudo_labels import chunked, find_cam_files, load_cams, name_some, parallel_imap
@@ -44,14 +44,7 @@ def read_labels(path: Path) -> np.ndarray:
     Faster than ``read_label_png(path)`` for 8-bit PNGs (a 256-bin count instead of a sort);
     other modes go through its full check, since converting them to uint8 could wrap values.
     """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-    except Exception:
-        mode = None  # let read_label_png produce the precise error
-    if mode not in ("P", "L"):
+    if image_info(path).mode not in ("P", "L"):
         return read_label_png(path)
     labels = read_label_png(path, check_values=False)
     bad = np.flatnonzero(np.bincount(labels.reshape(-1), minlength=256).astype(bool) & ~_ALLOWED)
@@ -277,6 +270,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all CPUs)")
     args = parser.parse_args(argv)
     _check_workers(args.workers)
+    if args.json is not None:
+        ensure_output_file(args.json, "--json file")
 
     start = time.perf_counter()
     ids = _ids_from(args.list, args.gt, "png")
@@ -320,6 +315,8 @@ def eval_cams_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _check_workers(args.workers)
     thresholds = parse_thresholds(args.thresholds)
+    if args.json is not None:
+        ensure_output_file(args.json, "--json file")
 
     start = time.perf_counter()
     ids = _ids_from(args.list, args.cams, "CAM")

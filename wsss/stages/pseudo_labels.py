@@ -34,7 +34,7 @@ import numpy as np
 
 from wsss.classes import NUM_CLASSES
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
-from wsss.io import load_pickled_npy, read_image, read_label_png, write_label_png
+from wsss.io import ensure_output_dir, image_info, load_pickled_npy, read_image, read_label_png, write_label_png
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, superpixel_labels
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,7 @@ def is_valid_label_png(path: Path, size: tuple[int, int] | None = None) -> bool:
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image from its header, without decoding it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
+    return image_info(path)[:2]
 
 
 @dataclass(frozen=True)
@@ -394,6 +388,7 @@ def main(argv: list[str]) -> int:
     layout = VOCLayout(resolve_data_root(args.data_root))
     ids = layout.read_ids(args.split)
     layout.check_images(ids)
+    ensure_output_dir(args.out)
     params = PseudoLabelParams(threshold=args.threshold, slic=slic, key=args.key, overwrite=args.overwrite)
     log.info("%d ids from %s; SLIC %s; threshold %g; %d workers", len(ids), args.split, {**SLIC_DEFAULTS, **slic}, args.threshold, args.workers)
     summary = generate_pseudo_labels(

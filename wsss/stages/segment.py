@@ -337,6 +337,7 @@ def predict_main(argv: list[str]) -> int:
     from wsss.data.datasets import ImageDataset, collate_list
     from wsss.data.transforms import eval_transform
     from wsss.data.voc import VOCLayout
+    from wsss.io import ensure_output_dir
 
     args = predict_parser().parse_args(argv)
     if args.crf and not crf_available():
@@ -346,7 +347,7 @@ def predict_main(argv: list[str]) -> int:
     model, _ = load_segmenter(args.checkpoint)
     layout = VOCLayout(resolve_data_root(args.data_root))
     ids = layout.read_ids(args.split)
-    out_dir = Path(args.out)
+    out_dir = ensure_output_dir(args.out)
     todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     print(f"predict-seg: {len(ids)} images in '{args.split}', {len(ids) - len(todo)} already in {out_dir} (skipped), {len(todo)} to predict")
     if not todo:
@@ -371,8 +372,9 @@ def predict_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """``wsss train-seg``: LightningCLI over SegmenterSystem and SegmentationDataModule."""
+def main(argv: list[str], parse_only: bool = False) -> int:
+    """``wsss train-seg``: LightningCLI over SegmenterSystem and SegmentationDataModule
+    (``parse_only``: check the options and stop, as ``wsss run`` does before any stage)."""
     from wsss.data.modules import SegmentationDataModule
     from wsss.lightning import StageCLI
 
@@ -384,7 +386,9 @@ def main(argv: list[str]) -> int:
         checkpoint_dir="checkpoints/segmenter",
         monitor="val/mIoU",
         log_name="segmenter",
+        parse_only=parse_only,
     )
-    cli.fit()
+    if not parse_only:
+        cli.fit()
     return 0
 
