@@ -615,6 +615,8 @@ def quiet_library_logs() -> None:
     """Keep a whole-pipeline run readable: Lightning's per-Trainer banners (devices, tips, model
     summaries) and the stages' per-validation tables repeat for every stage; the run prints its
     own progress and one results table. Warnings and errors still show."""
+    import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then quiet it)
+
     for name in ("pytorch_lightning", "lightning", "lightning_fabric", "wsss.stages"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # Lightning's own, once per Trainer
