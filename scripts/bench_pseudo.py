@@ -80,10 +80,10 @@ def bench_pseudo(tmp: Path, images: int, height: int, width: int, rng: np.random
     rates = {}
     for workers in (1, 2):
         params = PseudoLabelParams(overwrite=True)
-        summary = generate_pseudo_labels(paths, cam_dir, tmp / f"out{workers}", params, workers=workers, chunk_size=2, progress=False)
+        summary = generate_pseudo_labels(paths, cam_dir, tmp / f"out{workers}", params, workers=workers, progress=False)
         assert summary.written == images and not summary.failed
         rates[workers] = images / summary.seconds
-        print(f"workers={workers}: {rates[workers]:.2f} images/s ({summary.seconds:.2f} s incl. pool start)")
+        print(f"workers={workers}: {rates[workers]:.2f} images/s ({summary.seconds:.2f} s incl. Trainer and worker start)")
     print(f"scaling 2 vs 1 workers: x{rates[2] / rates[1]:.2f}")
 
 

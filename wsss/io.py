@@ -155,7 +155,11 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> None:
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    """Write arrays to ``path`` (a ``.npz``), atomically."""
+    """Write arrays to ``path`` (a ``.npz``), atomically.
+
+    Deterministic, so runs can be compared file by file: ``np.savez`` writes each entry through
+    ``ZipFile.open(name, "w")``, which stamps the fixed date 1980-01-01, never the current time.
+    """
     with atomic_path(path, ".npz") as tmp:
         np.savez(tmp, **arrays)
 

@@ -1,16 +1,22 @@
-"""The LightningCLI shared by the trainable stages (``train-cls``, ``train-seg``)."""
+"""Lightning plumbing shared by stages: the LightningCLI of the trainable stages (``train-cls``,
+``train-seg``), checkpoint loading, and what the predict stages need under DDP (gathering
+per-process counts, reporting from one process, an images/s progress bar)."""
 from __future__ import annotations
 
 import inspect
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+from pytorch_lightning.utilities import rank_zero_only
 
-from wsss.errors import WeightsError
+from wsss.errors import ConfigError, WeightsError
 from wsss.io import ensure_output_dir, load_torch_file
 
 
@@ -129,3 +135,65 @@ def load_system_checkpoint(path: str | Path, system_class: type, required_key: s
         system = system_class(weights="none", **kwargs)
     system.load_state_dict(state)
     return system.eval()
+
+
+def predict_trainer(writer: BasePredictionWriter, accelerator: str, devices: int | str, strategy: str, progress: bool, **trainer_kwargs: Any) -> pl.Trainer:
+    """A Trainer for a predict stage that writes through ``writer``: no logger, no checkpoints,
+    an images/s bar when ``progress``.
+
+    Strategies that run the loop in child processes and then end them (``ddp_spawn``,
+    ``ddp_fork``, ``ddp_notebook``) are refused: the counts a stage gathers after
+    ``trainer.predict`` would end with them. ``ddp`` re-runs the command line in the other
+    processes instead, and every process returns from ``predict``.
+    """
+    callbacks: list[pl.Callback] = [writer, ImagesPerSecondBar()] if progress else [writer]
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
+        enable_progress_bar=progress, enable_model_summary=False, callbacks=callbacks, **trainer_kwargs,
+    )
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        raise ConfigError(f"--strategy {strategy}: the predict loop would run in processes that end before the run's counts are gathered; use --strategy ddp")
+    return trainer
+
+
+def gather_objects(trainer: pl.Trainer, value: Any) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every process (``[value]`` in one process).
+
+    Any picklable value. Every process must call it: right after ``trainer.predict`` returns is
+    safe, a predict hook is not (a process with no batch runs none of them).
+    """
+    if trainer.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def parse_devices(text: str) -> int | str:
+    """A ``--devices`` value for the Trainer: a count (``"2"`` -> 2) or Lightning's own syntax
+    (``auto``, ``-1``, ``"0,1"``) passed through."""
+    return int(text) if text.isdigit() else text
+
+
+def is_global_zero() -> bool:
+    """True in the process that reports. Under DDP a stage's ``main`` goes on in every process
+    after the Trainer returns (Lightning re-runs the command line in the others)."""
+    return rank_zero_only.rank == 0
+
+
+class ImagesPerSecondBar(TQDMProgressBar):
+    """Prediction progress bar with images/s (batches/s alone hides the batch size). Counts the
+    entries of each ``predict_step`` output, which our predict stages return one per image."""
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self._images, self._start = 0, time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._images += len(outputs)
+        elapsed = time.perf_counter() - self._start
+        if elapsed > 0:
+            self.predict_progress_bar.set_postfix(img_s=f"{self._images / elapsed:.2f}")

@@ -2,18 +2,78 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ClassificationDataset, SegmentationDataset
 from wsss.data.transforms import eval_transform, fit_transform, train_transform
 from wsss.data.voc import ImageLabels, VOCLayout
-from wsss.errors import DataError
+from wsss.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank r of N takes items r, r + N, r + 2N, ... in order: every item on exactly one rank.
+
+    torch's DistributedSampler, which Lightning puts under validation loaders, repeats items
+    until every rank has as many, so a val set of 5 on 2 ranks scores one image twice. Here
+    ranks may differ by one item, and a rank gets none when there are fewer items than ranks
+    (Lightning's own predict sampler refuses that, which a resumed run with one image left hits).
+    Being a DistributedSampler, Lightning leaves it in place instead of adding its own.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def unpadded_sampler(dataset: Sized, trainer: pl.Trainer | None) -> UnpaddedDistributedSampler | None:
+    """:class:`UnpaddedDistributedSampler` for this process under multi-process strategies, else
+    None (the DataLoader's plain in-order sampler)."""
+    kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if not kwargs or kwargs["num_replicas"] <= 1:
+        return None
+    return UnpaddedDistributedSampler(dataset, kwargs["num_replicas"], kwargs["rank"])
+
+
+def validation_sampler(dataset: Sized, trainer: pl.Trainer | None, option: str) -> UnpaddedDistributedSampler | None:
+    """:func:`unpadded_sampler` for a validation set, which must give every process one item:
+    DDP syncs buffers at each process's first validation forward and metrics gather from all."""
+    sampler = unpadded_sampler(dataset, trainer)
+    if sampler is not None and len(dataset) < sampler.num_replicas:
+        raise ConfigError(
+            f"{option} has {len(dataset)} images, fewer than the {sampler.num_replicas} processes; "
+            "each process needs at least one validation image"
+        )
+    return sampler
+
+
+class PredictDataModule(pl.LightningDataModule):
+    """Feeds a predict stage: every item of ``dataset`` to exactly one process, in order.
+
+    The loader is built after Lightning has started the processes, so it knows this one's rank;
+    a process may get no item at all (fewer pending images than processes).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 1, num_workers: int = 0, collate_fn: Callable | None = None):
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers, self.collate_fn = dataset, batch_size, num_workers, collate_fn
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, sampler=unpadded_sampler(self.dataset, self.trainer),
+            num_workers=self.num_workers, collate_fn=self.collate_fn,
+        )
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -64,10 +124,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set = ClassificationDataset(layout, train_ids, labels, train_transform(hp.crop_size, tuple(hp.scale_range), True, hp.color_jitter))
         self.val_set = ClassificationDataset(layout, val_ids, labels, fit_transform(hp.crop_size))
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool, sampler: DistributedSampler | None = None) -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            dataset, batch_size=hp.batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=hp.num_workers,
+            dataset, batch_size=hp.batch_size, shuffle=shuffle, drop_last=shuffle, sampler=sampler, num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0, pin_memory=False,
         )
 
@@ -75,7 +135,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        # Every val image exactly once across DDP processes, so mAP is the single-process value.
+        return self._loader(self.val_set, shuffle=False, sampler=validation_sampler(self.val_set, self.trainer, "--data.val_split"))
 
 
 GT_LABELS = "gt"  # ``train_labels`` value meaning "the dataset's own GT masks" (the upper bound)
@@ -160,5 +221,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # Batch 1: validation images keep their own sizes (no resize, no padding into the score).
+        # Every val image exactly once across DDP processes, so mIoU is the single-process value.
         hp = self.hparams
-        return DataLoader(self.val_set, batch_size=1, shuffle=False, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        return DataLoader(
+            self.val_set, batch_size=1, shuffle=False, sampler=validation_sampler(self.val_set, self.trainer, "--data.val_split"),
+            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+        )

@@ -17,16 +17,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import DataLoader
+from pytorch_lightning.callbacks import BasePredictionWriter
 
 from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps, resolve_layers
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list, labels_to_class_ids
+from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import ConfigError
 from wsss.io import ensure_output_dir, image_info, is_valid_npz, write_npz
+from wsss.lightning import gather_objects, is_global_zero, parse_devices, predict_trainer
 
 log = logging.getLogger(__name__)
 CAM_KEYS = ("classes", "cams")
@@ -90,11 +91,13 @@ class CamSystem(pl.LightningModule):
 
 
 class CamWriter(BasePredictionWriter):
-    """Writes each image's maps as soon as its batch is done: atomic, never kept in memory."""
+    """Writes each image's maps as soon as its batch is done: atomic, never kept in memory.
+    ``written`` counts this process's files."""
 
     def __init__(self, out_dir: Path, save_layers: bool):
         super().__init__(write_interval="batch")
         self.out_dir, self.save_layers = out_dir, save_layers
+        self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
         for item in prediction:
@@ -102,21 +105,7 @@ class CamWriter(BasePredictionWriter):
             if self.save_layers:
                 arrays.update(item["layers"])
             write_npz(self.out_dir / f"{item['id']}.npz", **arrays)
-
-
-class ImagesPerSecondBar(TQDMProgressBar):
-    """Prediction progress bar with images/s (batches/s alone hides the batch size)."""
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        super().on_predict_start(trainer, pl_module)
-        self._images, self._start = 0, time.perf_counter()
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._images += len(batch["id"])
-        elapsed = time.perf_counter() - self._start
-        if elapsed > 0:
-            self.predict_progress_bar.set_postfix(img_s=f"{self._images / elapsed:.2f}")
+            self.written += 1
 
 
 def pending_ids(ids: list[str], out_dir: Path, overwrite: bool) -> list[str]:
@@ -147,7 +136,8 @@ def run_cams(
     strategy: str = "auto",
     progress: bool = True,
 ) -> dict[str, int]:
-    """Write CAMs for ``split`` into ``out_dir``; returns counts of written and skipped images."""
+    """Write CAMs for ``split`` into ``out_dir``; returns counts of written (by all processes
+    together) and skipped images."""
     from wsss.stages.classify import load_classifier
 
     unknown = set(scaled_layers) - set(layers)
@@ -164,23 +154,18 @@ def run_cams(
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = pending_ids(ids, out_dir, overwrite)
     log.info("CAMs (%s at %s) for %d of %d images in %s; %d already done", method, ",".join(layers), len(todo), len(ids), out_dir, len(ids) - len(todo))
-    if todo:
-        # Each backward serves one class slot of the whole batch, and only equal-sized images share
-        # a forward: batching images with the same class count and size wastes no work.
-        # Header reads only; an unreadable or too large image is refused here, before any work.
-        todo.sort(key=lambda i: (int(image_labels(i).sum()), image_info(layout.image_path(i))[:2]))
-        dataset = ImageDataset(layout, todo, eval_transform(), image_labels)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
-        callbacks: list[pl.Callback] = [CamWriter(out_dir, save_layers)]
-        if progress:
-            callbacks.append(ImagesPerSecondBar())
-        trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
-            enable_progress_bar=progress, enable_model_summary=False, callbacks=callbacks,
-            inference_mode=False,  # CAMs need gradients; predict would otherwise run under inference_mode
-        )
-        trainer.predict(system, loader, return_predictions=False)
-    return {"written": len(todo), "skipped": len(ids) - len(todo)}
+    if not todo:
+        return {"written": 0, "skipped": len(ids)}
+    # Each backward serves one class slot of the whole batch, and only equal-sized images share
+    # a forward: batching images with the same class count and size wastes no work.
+    # Header reads only; an unreadable or too large image is refused here, before any work.
+    todo.sort(key=lambda i: (int(image_labels(i).sum()), image_info(layout.image_path(i))[:2]))
+    data = PredictDataModule(ImageDataset(layout, todo, eval_transform(), image_labels), batch_size, num_workers, collate_list)
+    writer = CamWriter(out_dir, save_layers)
+    # CAMs need gradients; predict would otherwise run under inference_mode.
+    trainer = predict_trainer(writer, accelerator, devices, strategy, progress, inference_mode=False)
+    trainer.predict(system, datamodule=data, return_predictions=False)
+    return {"written": sum(gather_objects(trainer, writer.written)), "skipped": len(ids) - len(todo)}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -209,12 +194,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     scales = IRN_SCALES if args.scales == "irn" else tuple(float(s) for s in _names(args.scales))
-    devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
+    devices = parse_devices(args.devices)
     start = time.perf_counter()
     counts = run_cams(
         args.checkpoint, args.data_root, args.out, args.split, args.labels, args.method, _names(args.layers), _names(args.scaled),
         args.gamma, scales, args.flip, args.batch_size, args.num_workers, args.save_layers, args.overwrite,
         args.accelerator, devices, args.strategy,
     )
+    if not is_global_zero():
+        return 0
     print(f"{counts['written']} CAM files written, {counts['skipped']} already complete, in {time.perf_counter() - start:.1f}s -> {args.out}")
     return 0

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
-from wsss.errors import ConfigError, DataError
+from wsss.errors import ConfigError, DataError, name_some
 from wsss.io import atomic_path, ensure_output_file, image_info, read_label_png
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
+from wsss.parallel import chunked, parallel_imap
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
-from wsss.stages.pseudo_labels import chunked, find_cam_files, load_cams, name_some, parallel_imap
+from wsss.stages.pseudo_labels import find_cam_files, load_cams
 
 log = logging.getLogger(__name__)
 

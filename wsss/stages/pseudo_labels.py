@@ -1,8 +1,8 @@
 """Stage 3: pseudo-labels from images + CAM files (``wsss pseudo-labels``).
 
 One VOC-palette PNG per image (values 0..20) by eq. 10 superpixel voting (:mod:`wsss.pseudo`).
-This module is plumbing only: reading and validating CAM files, a resumable parallel loop over
-images, atomic writes and a summary.
+This module is plumbing only: reading and validating CAM files, a resumable loop over images
+(a Lightning predict loop, so it runs under DDP like ``wsss cams``), atomic writes and a summary.
 
 Accepted CAM files, looked up as ``CAMDIR/<id>.npz`` first, then ``CAMDIR/<id>.npy``:
 
@@ -21,28 +21,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import Dataset
 
 from wsss.classes import NUM_CLASSES
+from wsss.data.modules import PredictDataModule
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.io import ensure_output_dir, image_info, load_pickled_npy, read_image, read_label_png, write_label_png
+from wsss.lightning import gather_objects, is_global_zero, parse_devices, predict_trainer
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, superpixel_labels
 
 log = logging.getLogger(__name__)
 
 CAM_SUFFIXES = (".npz", ".npy")
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------- CAM files
@@ -177,7 +177,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PseudoLabelJob:
-    """Everything one image needs; picklable, so it can be sent to a worker process."""
+    """Everything one image needs."""
 
     image_id: str
     image_path: Path
@@ -221,74 +221,23 @@ def make_pseudo_label(
     return labels
 
 
-def _run_job(job: PseudoLabelJob, params: PseudoLabelParams) -> tuple[str, str, str]:
-    """``(id, status, message)`` with status ``written``, ``skipped`` or ``failed``."""
-    try:
-        if not params.overwrite and job.out_path.exists():
-            if is_valid_label_png(job.out_path, _image_size(job.image_path)):
-                return job.image_id, "skipped", ""
-        make_pseudo_label(job.image_path, job.cam_path, job.out_path, params.threshold, params.key, **params.slic)
-        return job.image_id, "written", ""
-    except DataError as exc:
-        return job.image_id, "failed", str(exc)
-
-
-def _run_jobs(args: tuple[list[PseudoLabelJob], PseudoLabelParams]) -> list[tuple[str, str, str]]:
-    jobs, params = args
-    return [_run_job(job, params) for job in jobs]
-
-
-# --------------------------------------------------------------------------- parallel plumbing
-
-
-def _worker_init() -> None:
-    # Each worker is one of N processes: keep BLAS/torch from starting N threads each.
-    # Only if torch is already loaded (evaluation): importing it here would cost seconds per worker.
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
-
-
-def chunked(items: Sequence[T], size: int) -> list[list[T]]:
-    """Consecutive chunks of at most ``size`` items."""
-    return [list(items[i:i + size]) for i in range(0, len(items), max(1, size))]
-
-
-def parallel_imap(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> Iterator[R]:
-    """``fn`` over ``tasks`` in ``workers`` processes, results as they finish (in-process if 1).
-
-    ``fn`` must be a module-level function; give it chunks of work so each task is worth a
-    round trip. Worker exceptions propagate and the pool is torn down.
-    """
-    if workers <= 1:
-        # Per-image tensors are small: torch's intra-op threads cost more than they give,
-        # badly so on a shared machine. Limit them for the duration, as the workers do.
-        torch = sys.modules.get("torch")
-        threads = torch.get_num_threads() if torch is not None else None
-        try:
-            if torch is not None:
-                torch.set_num_threads(1)
-            yield from map(fn, tasks)
-        finally:
-            if torch is not None:
-                torch.set_num_threads(threads)
-        return
-    with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
-        yield from pool.imap_unordered(fn, tasks)
-
-
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- the per-image loop
+# A Lightning predict loop, so ``--devices N --strategy ddp`` splits the images over processes:
+# the dataset does each image's work (in DataLoader workers), a parameter-free module passes the
+# results on, and the writer writes the PNGs in each process's main thread.
 
 
 @dataclass
 class PseudoLabelSummary:
-    """What a run did; ``failed`` maps id -> error message."""
+    """What a run did (one process's share inside the writer, every process's total once
+    :func:`generate_pseudo_labels` returns); ``failed`` maps id -> error message."""
 
     written: int = 0
     skipped_existing: int = 0
     skipped_missing: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    processes: int = 1
 
     def line(self) -> str:
         done = self.written + self.skipped_existing + len(self.failed)
@@ -296,8 +245,62 @@ class PseudoLabelSummary:
         return (
             f"{self.written} written, {self.skipped_existing} skipped (already done), "
             f"{len(self.skipped_missing)} skipped (no CAM file), {len(self.failed)} failed; "
-            f"{done} images in {self.seconds:.1f}s ({rate:.1f} written/s)"
+            f"{done} images in {self.seconds:.1f}s ({rate:.1f} written/s, {self.processes} "
+            f"process{'es' if self.processes > 1 else ''})"
         )
+
+
+class PseudoLabelDataset(Dataset):
+    """Item i: image i's label map, or why it has none.
+
+    ``{"id", "status": "labelled" | "skipped" | "failed", "labels": (H, W) uint8 or None, "message"}``;
+    ``skipped`` means a valid PNG of the right size is already there (kept unless ``overwrite``).
+    Input errors (DataError) become ``failed`` items, so one bad file does not stop the run.
+    """
+
+    def __init__(self, jobs: Sequence[PseudoLabelJob], params: PseudoLabelParams):
+        self.jobs, self.params = list(jobs), params
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        job, params = self.jobs[index], self.params
+        item: dict[str, Any] = {"id": job.image_id, "status": "skipped", "labels": None, "message": ""}
+        try:
+            if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, _image_size(job.image_path)):
+                return item
+            item["labels"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, **params.slic)
+            item["status"] = "labelled"
+        except DataError as exc:
+            item.update(status="failed", message=str(exc))
+        return item
+
+
+class PassThroughPredictor(pl.LightningModule):
+    """Parameter-free predict module for stages whose dataset already did the per-item work."""
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        return batch
+
+
+class PseudoLabelWriter(BasePredictionWriter):
+    """Writes each label map to ``out_dir/<id>.png`` (atomic) and counts this process's outcomes."""
+
+    def __init__(self, out_dir: Path):
+        super().__init__(write_interval="batch")
+        self.out_dir = out_dir
+        self.counts = PseudoLabelSummary()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        for item in prediction:
+            if item["status"] == "labelled":
+                write_label_png(self.out_dir / f"{item['id']}.png", item["labels"])
+                self.counts.written += 1
+            elif item["status"] == "skipped":
+                self.counts.skipped_existing += 1
+            else:
+                self.counts.failed[item["id"]] = item["message"]
 
 
 def generate_pseudo_labels(
@@ -307,18 +310,20 @@ def generate_pseudo_labels(
     params: PseudoLabelParams = PseudoLabelParams(),
     workers: int = 1,
     skip_missing: bool = False,
-    chunk_size: int = 8,
     progress: bool = True,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
 ) -> PseudoLabelSummary:
     """Write ``out_dir/<id>.png`` for every id of ``image_paths`` (id -> image file).
 
     Validates up front that every listed id has a CAM file (all missing ids reported in one
     DataError unless ``skip_missing``). Existing valid PNGs are kept unless ``params.overwrite``.
     Per-image input errors do not stop the run; they are collected in the summary (the caller
-    decides whether that is fatal).
+    decides whether that is fatal). ``workers`` DataLoader worker processes per process (none
+    when 1); ``accelerator``/``devices``/``strategy`` go to the Lightning Trainer, and under DDP
+    each image is done by exactly one process and the summary holds the totals of all of them.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     ids = list(image_paths)
     cam_files, missing = find_cam_files(Path(cam_dir), ids)
@@ -327,20 +332,20 @@ def generate_pseudo_labels(
             f"{len(missing)} of {len(ids)} listed ids have no CAM file (<id>.npz or <id>.npy) in {cam_dir}: "
             f"{name_some(missing)} (pass --skip-missing to leave them out)"
         )
-    summary = PseudoLabelSummary(skipped_missing=missing)
     jobs = [PseudoLabelJob(i, image_paths[i], cam_files[i], Path(out_dir) / f"{i}.png") for i in ids if i in cam_files]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tasks = [(chunk, params) for chunk in chunked(jobs, chunk_size)]
-    with tqdm(total=len(jobs), desc="pseudo-labels", unit="img", disable=not progress, smoothing=0.1) as bar:
-        for results in parallel_imap(_run_jobs, tasks, workers):
-            for image_id, status, message in results:
-                if status == "written":
-                    summary.written += 1
-                elif status == "skipped":
-                    summary.skipped_existing += 1
-                else:
-                    summary.failed[image_id] = message
-            bar.update(len(results))
+    summary = PseudoLabelSummary(skipped_missing=missing)
+    if jobs:
+        writer = PseudoLabelWriter(Path(out_dir))
+        trainer = predict_trainer(writer, accelerator, devices, strategy, progress)
+        data = PredictDataModule(PseudoLabelDataset(jobs, params), batch_size=1, num_workers=workers if workers > 1 else 0, collate_fn=list)
+        trainer.predict(PassThroughPredictor(), datamodule=data, return_predictions=False)
+        per_process = gather_objects(trainer, writer.counts)
+        failed = {image_id: message for counts in per_process for image_id, message in counts.failed.items()}
+        summary.written = sum(counts.written for counts in per_process)
+        summary.skipped_existing = sum(counts.skipped_existing for counts in per_process)
+        summary.failed = {i: failed[i] for i in ids if i in failed}  # in list order, however the ranks split them
+        summary.processes = len(per_process)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -367,13 +372,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder for <id>.png")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--threshold", type=_finite, default=DEFAULT_THRESHOLD, help="background threshold on a superpixel's mean CAM score (default: 0.3)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes per device process; 1 = none (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
     parser.add_argument("--key", default=None, help="array of the CAM file to use (default: cams / IRN high_res), e.g. a per-layer map")
     parser.add_argument("--n-segments", type=int, default=None, help=f"SLIC n_segments (default {SLIC_DEFAULTS['n_segments']})")
     parser.add_argument("--compactness", type=_finite, default=None, help=f"SLIC compactness (default {SLIC_DEFAULTS['compactness']})")
     parser.add_argument("--sigma", type=_finite, default=None, help=f"SLIC Gaussian pre-smoothing (default {SLIC_DEFAULTS['sigma']})")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu; the work is NumPy/scikit-image)")
+    parser.add_argument("--devices", default="1", help="Lightning devices, e.g. 2 with --strategy ddp: each image is done by exactly one process")
+    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
@@ -392,8 +400,11 @@ def main(argv: list[str]) -> int:
     params = PseudoLabelParams(threshold=args.threshold, slic=slic, key=args.key, overwrite=args.overwrite)
     log.info("%d ids from %s; SLIC %s; threshold %g; %d workers", len(ids), args.split, {**SLIC_DEFAULTS, **slic}, args.threshold, args.workers)
     summary = generate_pseudo_labels(
-        {i: layout.image_path(i) for i in ids}, args.cams, args.out, params, workers=args.workers, skip_missing=args.skip_missing
+        {i: layout.image_path(i) for i in ids}, args.cams, args.out, params, workers=args.workers, skip_missing=args.skip_missing,
+        accelerator=args.accelerator, devices=parse_devices(args.devices), strategy=args.strategy,
     )
+    if not is_global_zero():  # the summary holds every process's totals; one process reports them
+        return 0
     print(f"pseudo-labels -> {args.out}: {summary.line()}")
     if summary.skipped_missing:
         print(f"ids without a CAM file (skipped): {name_some(summary.skipped_missing)}")

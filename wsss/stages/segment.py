@@ -331,13 +331,13 @@ def predict_parser() -> argparse.ArgumentParser:
 
 def predict_main(argv: list[str]) -> int:
     """``wsss predict-seg``: label PNGs for every image of a split."""
-    from torch.utils.data import DataLoader
-
     from wsss.data import resolve_data_root
     from wsss.data.datasets import ImageDataset, collate_list
+    from wsss.data.modules import PredictDataModule
     from wsss.data.transforms import eval_transform
     from wsss.data.voc import VOCLayout
     from wsss.io import ensure_output_dir
+    from wsss.lightning import parse_devices
 
     args = predict_parser().parse_args(argv)
     if args.crf and not crf_available():
@@ -354,19 +354,13 @@ def predict_main(argv: list[str]) -> int:
         return 0
     layout.check_images(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(
-        ImageDataset(layout, todo, eval_transform()), batch_size=args.batch_size, shuffle=False,
-        num_workers=args.num_workers, collate_fn=collate_list,
-    )
-    devices: Any = args.devices
-    if devices != "auto":
-        devices = int(devices) if devices.isdigit() else devices
+    data = PredictDataModule(ImageDataset(layout, todo, eval_transform()), args.batch_size, args.num_workers, collate_list)
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=devices, precision="bf16-mixed" if args.bf16 else "32-true",
+        accelerator=args.accelerator, devices=parse_devices(args.devices), precision="bf16-mixed" if args.bf16 else "32-true",
         logger=False, callbacks=[LabelPNGWriter(out_dir)], enable_checkpointing=False, enable_model_summary=False,
     )
     predictor = SegmenterPredictor(model, args.scales, args.flip, args.crf, args.channels_last)
-    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
+    trainer.predict(predictor, datamodule=data, return_predictions=False)
     if trainer.is_global_zero:
         print(f"wrote {len(todo)} label PNGs to {out_dir}")
     return 0

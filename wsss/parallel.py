@@ -1,0 +1,46 @@
+"""A process pool for per-file work outside Lightning (``wsss evaluate``, ``wsss eval-cams``)."""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _worker_init() -> None:
+    # Each worker is one of N processes: keep BLAS/torch from starting N threads each.
+    # Only if torch is already loaded (evaluation): importing it here would cost seconds per worker.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def chunked(items: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive chunks of at most ``size`` items."""
+    return [list(items[i:i + size]) for i in range(0, len(items), max(1, size))]
+
+
+def parallel_imap(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn`` over ``tasks`` in ``workers`` processes, results as they finish (in-process if 1).
+
+    ``fn`` must be a module-level function; give it chunks of work so each task is worth a
+    round trip. Worker exceptions propagate and the pool is torn down.
+    """
+    if workers <= 1:
+        # Per-image tensors are small: torch's intra-op threads cost more than they give,
+        # badly so on a shared machine. Limit them for the duration, as the workers do.
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else None
+        try:
+            if torch is not None:
+                torch.set_num_threads(1)
+            yield from map(fn, tasks)
+        finally:
+            if torch is not None:
+                torch.set_num_threads(threads)
+        return
+    with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(fn, tasks)
