@@ -617,9 +617,11 @@ def quiet_library_logs() -> None:
     own progress and one results table. Warnings and errors still show."""
     import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then quiet it)
 
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "wsss.stages"):
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "wsss.stages", "wsss.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # Lightning's own, once per Trainer
+    # The stages' LightningCLIs get their options from the pipeline, not from `wsss run`'s sys.argv.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 def default_toy_config() -> Path:
