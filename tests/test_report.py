@@ -108,3 +108,13 @@ def test_missing_out_dir_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "nope")]) == 2
     assert "pipeline output folder not found" in capsys.readouterr().err
     assert cli_main(["show", "x", "--out", str(tmp_path / "nope")]) == 2
+
+
+def test_without_a_data_root_ids_come_from_cam_files_not_temporary_ones(tmp_path):
+    from wsss.report import RunFiles, _report_ids
+
+    cam_dir = tmp_path / "cams" / "layercam"
+    cam_dir.mkdir(parents=True)
+    for name in ("toy_00002.npz", "toy_00001.npz", ".toy_00003.npz.k2j3h4g5.host-99.tmp.npz"):
+        (cam_dir / name).touch()
+    assert _report_ids(RunFiles(tmp_path, None, []), "train", 10) == ["toy_00001", "toy_00002"]

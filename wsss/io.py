@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,16 +28,67 @@ def _umask() -> int:
     return mask
 
 
+# Temporary files are ``.<name>.<random>.<host>-<pid>.tmp<suffix>``: hidden, never named like an
+# output, and tagged with their writer so a later run can tell an orphan from a file in progress.
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.tmp(\.[A-Za-z0-9]+)?$")
+_swept_folders: set[Path] = set()
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the name of an :func:`atomic_path` temporary file (never an output)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete the :func:`atomic_path` temporary files in ``folder`` whose writer is dead; returns how many.
+
+    Only files written from this host by a process that no longer exists are touched (SIGKILL,
+    power loss), so the temporary files of writers still running (other DDP ranks or workers
+    writing into the same folder) are left alone. Files from other hosts of a shared filesystem
+    are kept: their writers cannot be checked from here.
+    """
+    if os.name != "posix":
+        return 0
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != _HOST or int(match["pid"]) <= 0 or _process_exists(int(match["pid"])):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it over ``final`` only if the block succeeds.
 
-    Readers therefore see either no file or a complete one, even after SIGKILL.
-    ``suffix`` lets writers that insist on an extension (``np.savez`` adds ``.npz``) keep it.
+    Readers therefore see either no file or a complete one, even after SIGKILL. A SIGKILL leaves
+    the temporary file behind; the first write into a folder by a later process removes such
+    orphans (:func:`remove_stale_temp_files`). ``suffix`` lets writers that insist on an
+    extension (``np.savez`` adds ``.npz``) keep it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    if final.parent not in _swept_folders:
+        remove_stale_temp_files(final.parent)
+        _swept_folders.add(final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".{_HOST}-{os.getpid()}.tmp{suffix}", dir=final.parent)
     os.close(fd)
     # mkstemp creates 0600 files; outputs should get the permissions any new file gets (0666 less the
     # umask), or colleagues sharing a results folder could not read them.
@@ -235,6 +288,11 @@ def load_torch_file(path: str | Path, what: str = "file"):
         raise WeightsError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's own text is a page of advice; keep the offending name
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        refused = f" ({found[1]})" if found else ""
+        raise WeightsError(f"{path}: refusing to load {what}: it holds pickled objects other than tensors and plain "
+                           f"containers{refused}, which could run code when loaded") from None
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load {what} safely ({type(exc).__name__}: {exc})") from None
 

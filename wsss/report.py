@@ -391,7 +391,8 @@ def _report_ids(files: RunFiles, split: str, max_images: int) -> list[str]:
             log.warning("%s; showing the images that have CAM files instead", exc)
     if not ids:
         cam_dir = files.out_dir / "cams" / "layercam"
-        ids = sorted(p.stem for p in cam_dir.glob("*.npz")) if cam_dir.is_dir() else []
+        # hidden files are never outputs (a killed writer's temporary file is .<id>.npz.<...>.tmp.npz)
+        ids = sorted(p.stem for p in cam_dir.glob("*.npz") if not p.name.startswith(".")) if cam_dir.is_dir() else []
     return ids[:max_images]
 
 
