@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from pytorch_lightning.utilities import rank_zero_only
 
 from wsss.errors import ConfigError, WeightsError
-from wsss.io import ensure_output_dir, load_torch_file
+from wsss.io import atomic_path, ensure_output_dir, load_torch_file
 
 
 # jsonargparse's unknown-key errors; the group named (or the unrecognised option's prefix) says
@@ -50,11 +52,55 @@ class StageArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reads and writes, made safe for local files.
+
+    Reads (``--ckpt_path``, also ``last``) go through :func:`wsss.io.load_torch_file`:
+    ``weights_only=True`` whatever torch's default, so a crafted checkpoint cannot run code, and a
+    WeightsError naming the file. Writes go through :func:`wsss.io.atomic_path`: Lightning's own
+    save stages the file in the system temp folder, from where moving it into place is a copy, not
+    an atomic rename, when that folder is on another filesystem, and a SIGKILL leaves it there.
+    Remote (``scheme://``) paths keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path) or storage_options is not None:  # the parent handles (or refuses) these
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path)
+
+
+class PeriodicLastCheckpoint(ModelCheckpoint):
+    """Resume points between validations: last.ckpt rewritten every ``every_n_train_steps`` steps.
+
+    A killed run then loses at most that many steps. The main ``--checkpoint`` callback writes
+    best.ckpt and last.ckpt after each validation, which may be thousands of steps apart; its own
+    ``every_n_train_steps`` is no substitute, as it would then write best.ckpt at train steps,
+    scored by an earlier validation, instead of right after each validation.
+
+    Args:
+        dirpath: linked to ``--checkpoint.dirpath``.
+        every_n_train_steps: optimiser steps between two saves of last.ckpt; 0 disables this callback.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0):
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=every_n_train_steps > 0,
+                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+
+
 class StageCLI(LightningCLI):
     """LightningCLI with our defaults: best/last checkpoints in ``checkpoint_dir`` (``--checkpoint.*``),
-    CSV logs under ``runs/<log_name>``, ``--ckpt_path`` to resume (``last`` picks the last one)."""
+    last.ckpt also every ``last_every_n_train_steps`` steps (``--last_checkpoint.every_n_train_steps``),
+    CSV logs under ``runs/<log_name>``, ``--ckpt_path`` to resume (``last`` picks the last one);
+    checkpoints are written atomically and read without unpickling code (:class:`SafeCheckpointIO`)."""
 
-    def __init__(self, model_class, datamodule_class, *, args: list[str], prog: str, checkpoint_dir: str, monitor: str, log_name: str, parse_only: bool = False, **kwargs: Any):
+    def __init__(self, model_class, datamodule_class, *, args: list[str], prog: str, checkpoint_dir: str, monitor: str, log_name: str,
+                 last_every_n_train_steps: int = 0, parse_only: bool = False, **kwargs: Any):
         self.parse_only = parse_only  # only check the options (``wsss run`` does before any stage)
         self._checkpoint_defaults = {
             "checkpoint.dirpath": checkpoint_dir,
@@ -63,6 +109,7 @@ class StageCLI(LightningCLI):
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,
             "checkpoint.enable_version_counter": False,  # re-runs overwrite best.ckpt, no best-v1.ckpt
+            "last_checkpoint.every_n_train_steps": last_every_n_train_steps,
         }
         trainer_defaults = {
             "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": log_name}},
@@ -87,8 +134,16 @@ class StageCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PeriodicLastCheckpoint, "last_checkpoint")
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.set_defaults(self._checkpoint_defaults)
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from ('last' = the newest last.ckpt).")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own --trainer.plugins alone
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
     def fit(self) -> None:
         check_output_dirs(self.trainer)

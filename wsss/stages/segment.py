@@ -381,6 +381,7 @@ def main(argv: list[str], parse_only: bool = False) -> int:
         monitor="val/mIoU",
         log_name="segmenter",
         parse_only=parse_only,
+        last_every_n_train_steps=500,  # resume points between validations (every 2,000 steps at paper scale)
     )
     if not parse_only:
         cli.fit()
