@@ -1,17 +1,18 @@
 """`wsss run`: every stage end to end on a tiny configuration, skipping, partial re-runs, kill + resume, errors."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -19,6 +20,7 @@ from wsss.cli import main as cli_main
 from wsss.pipeline import STAGES
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
+KILL_HARNESS = Path(__file__).resolve().parent / "kill_harness.py"  # runs a command that SIGKILLs itself at a chosen write
 
 
 def tiny_config(path: Path, root: Path, out: Path, **changes) -> Path:
@@ -144,36 +146,29 @@ def test_unknown_key_lists_valid_keys(tmp_path, toy_root, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path, toy_root):
-    out = tmp_path / "out"
-    # Enough CAM work to be caught in the middle: all 24 train_aug images, 4 scales + flip, batch 1.
-    shutil.copytree(finished_run / "classifier", out / "classifier")
-    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, out, cam_split="train_aug",
-                         cams={"scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "batch_size": 1, "num_workers": 0})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "wsss.cli", "run", "-c", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not any((out / "cams/layercam").glob("*.npz")):
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done = len(list((out / "cams/layercam").glob("*.npz")))
-    assert 1 <= done < 24
+def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    # A changed CAM option reruns that stage and the later ones; SIGKILL inside the 5th CAM file
+    # write, its temporary file complete but not yet renamed.
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, cams={"gamma": 3.0})
+    killed = subprocess.run([sys.executable, str(KILL_HARNESS), "*.npz", "5", "written", "--", "run", "-c", str(config)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for i in ids if (p := out / "cams/layercam" / f"{i}.npz").exists()}
+    assert len(finished) == 4
     assert json.loads((out / "manifests/cams.json").read_text())["finished"] is False
+
     assert cli_main(["run", "-c", str(config)]) == 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished  # kept, not recomputed
     for path in (out / "cams").rglob("*.npz"):
         with np.load(path) as data:
             assert data["cams"].shape[0] == data["classes"].shape[0]
     for path in list((out / "pseudo").rglob("*.png")) + list((out / "predictions").rglob("*.png")):
         Image.open(path).load()
-    assert len(list((out / "cams/layercam").glob("*.npz"))) == 24
-    assert not list(out.rglob("*.tmp*"))
+    assert sorted(p.name for p in (out / "cams/layercam").iterdir()) == sorted(f"{i}.npz" for i in ids)  # no temporary file left
+    assert json.loads((out / "manifests/cams.json").read_text())["finished"] is True
 
 
 def test_until_stops_after_the_named_stage(finished_run, tmp_path, capsys):
@@ -189,3 +184,55 @@ def test_until_stops_after_the_named_stage(finished_run, tmp_path, capsys):
     after = snapshot(out)
     assert after["manifests/segmenter.json"] == before["manifests/segmenter.json"]  # not touched
     assert json.loads((out / "manifests/pseudo-labels.json").read_text())["config"]["threshold"] == 0.45
+
+
+@pytest.mark.slow
+def test_two_independent_runs_give_identical_outputs(finished_run, toy_root, tmp_path):
+    """The same tiny configuration run again in a fresh folder, by another process with another
+    hash seed: identical CAMs, byte-identical pseudo-labels and predictions, identical weights."""
+    out = tmp_path / "out"
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, out)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    result = subprocess.run([sys.executable, "-m", "wsss.cli", "run", "-c", str(config)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for folder, pattern in (("pseudo", "*.png"), ("predictions", "*.png"), ("cams", "*.npz")):
+        files = sorted(p.relative_to(finished_run) for p in (finished_run / folder).rglob(pattern))
+        assert files and files == sorted(p.relative_to(out) for p in (out / folder).rglob(pattern))
+        for name in files:
+            if pattern == "*.png":
+                assert (out / name).read_bytes() == (finished_run / name).read_bytes(), name
+                continue
+            with np.load(out / name) as got, np.load(finished_run / name) as expected:
+                assert got.files == expected.files
+                for key in expected.files:
+                    np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
+    for name in ("classifier/best.ckpt", "segmenter/last.ckpt"):
+        got = torch.load(out / name, map_location="cpu", weights_only=True)["state_dict"]
+        expected = torch.load(finished_run / name, map_location="cpu", weights_only=True)["state_dict"]
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[key], expected[key]) for key in expected), name
+
+
+@pytest.mark.slow
+def test_interrupted_segmenter_stage_resumes_from_its_last_checkpoint(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    # A changed segmenter section: that stage reruns, killed right after last.ckpt at step 4 is in place.
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, segmenter={
+        "trainer": {"max_steps": 6, "val_check_interval": 6, "log_every_n_steps": 1},
+        "last_checkpoint": {"every_n_train_steps": 2}})
+    killed = subprocess.run([sys.executable, str(KILL_HARNESS), "*.ckpt", "2", "renamed",
+                             "--", "run", "-c", str(config)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    last = out / "segmenter" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    assert json.loads((out / "manifests/segmenter.json").read_text())["finished"] is False
+
+    assert cli_main(["run", "-c", str(config)]) == 0
+    assert "] segmenter: running (resuming)" in capsys.readouterr().out
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    # The resumed run logged steps 4 and 5 only: it continued, it did not train 6 steps again.
+    newest = max((out / "logs" / "segmenter").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert steps == [4, 5]

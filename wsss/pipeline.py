@@ -5,8 +5,9 @@ manifest ``OUT/manifests/<stage>.json`` with a hash of its own config section an
 the stages it reads from; a stage whose manifest says ``finished`` with the current hash, and whose
 outputs are all on disk, is skipped. Changing one option therefore re-runs that stage and the
 stages after it, nothing else. A stage that was interrupted (manifest present with the same hash,
-not finished) resumes: the CAM, pseudo-label and prediction stages skip complete files. A stage
-whose hash changed, or that is forced (``--from``/``--force``), starts from an empty output folder.
+not finished) resumes: the CAM, pseudo-label and prediction stages skip complete files, the
+classifier and segmenter continue from their last.ckpt. A stage whose hash changed, or that is
+forced (``--from``/``--force``), starts from an empty output folder.
 """
 from __future__ import annotations
 
@@ -337,7 +338,7 @@ class Pipeline:
     def run_classifier(self) -> dict[str, Any]:
         from wsss.stages import classify
 
-        _call_stage_main(classify.main, self.classifier_argv())
+        _call_stage_main(classify.main, [*self.classifier_argv(), *resume_argv(self.out / "classifier")])
         best = self.out / "classifier" / "best.ckpt"
         if not best.is_file():
             raise DataError(f"train-cls finished without writing {best} (did validation run? check trainer options)")
@@ -412,7 +413,7 @@ class Pipeline:
     def run_segmenter(self) -> dict[str, Any]:
         from wsss.stages import segment
 
-        _call_stage_main(segment.main, self.segmenter_argv())
+        _call_stage_main(segment.main, [*self.segmenter_argv(), *resume_argv(self.out / "segmenter")])
         best = self.out / "segmenter" / "best.ckpt"
         return {"counts": {"checkpoints": 2 if best.is_file() else 1},
                 "results": {"val_mIoU": checkpoint_score(best) if best.is_file() else None}}
@@ -457,6 +458,16 @@ def checkpoint_score(path: Path) -> float | None:
         if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
     return None
+
+
+def resume_argv(checkpoint_dir: Path) -> list[str]:
+    """``--ckpt_path DIR/last.ckpt`` if an interrupted run of a training stage left one there.
+
+    run_pipeline empties the folder unless the stage resumes (same hash, not forced), so a
+    last.ckpt found here belongs to an earlier run of this very configuration.
+    """
+    last = checkpoint_dir / "last.ckpt"
+    return ["--ckpt_path", str(last)] if last.is_file() else []
 
 
 def _call_stage_main(entry: Callable[[list[str]], int], argv: list[str]) -> None:
