@@ -236,3 +236,28 @@ def test_interrupted_segmenter_stage_resumes_from_its_last_checkpoint(finished_r
     with open(newest / "metrics.csv", newline="") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
     assert steps == [4, 5]
+
+
+def test_demo_runs_the_toy_pipeline_config_and_writes_the_report(finished_run, tmp_path, toy_root, monkeypatch, capsys):
+    import wsss.data
+    import wsss.pipeline
+
+    out = copy_run(finished_run, tmp_path)
+    # The demo's own glue on the tiny configuration of this module (every stage already done here).
+    monkeypatch.setattr(wsss.data, "resolve_data_root", lambda root: toy_root)
+    monkeypatch.setattr(wsss.pipeline, "default_toy_config", lambda: tiny_config(tmp_path / "pipeline.yaml", toy_root, out))
+    assert cli_main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (up to date)") == len(STAGES)
+    assert "LayerCAM stages 3-5 fused" in printed and f"report: {out / 'report' / 'index.html'}" in printed
+    assert (out / "report" / "index.html").is_file() and list((out / "report").glob("sheet_*.png"))
+
+
+def test_shipped_pipeline_configs_load_and_point_at_their_stage_configs():
+    from wsss.pipeline import load_config
+
+    for path in (CONFIGS / "pipeline.yaml", CONFIGS.parent / "pipeline.yaml"):
+        config = load_config(path)
+        assert Path(config["classifier"]["config"]).is_file() and Path(config["segmenter"]["config"]).is_file()
+    toy = load_config(CONFIGS / "pipeline.yaml")
+    assert toy["segmenter"]["model"]["weights"] == "classifier" and toy["cam_split"] == "train_aug"

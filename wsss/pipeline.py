@@ -657,12 +657,8 @@ def demo_main(argv: list[str]) -> int:
     config = load_config(default_toy_config(), {"data_root": str(root), "out": args.out})
     quiet_library_logs()
     run_pipeline(config, force=args.force)
-    try:
-        from wsss.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        index = write_report(args.out, root)
-        print(f"report: {index}")
+    from wsss.report import write_report
+
+    print(f"report: {write_report(args.out, root)}")
     print(f"wsss demo: done in {time.perf_counter() - start:.0f}s")
     return 0
