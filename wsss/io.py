@@ -207,6 +207,19 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> None:
         image.save(tmp, format="PNG")
 
 
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON, atomically; NumPy scalars and arrays become numbers and lists."""
+    import json
+
+    def plain(value):
+        if hasattr(value, "tolist"):  # NumPy scalars and arrays, torch tensors
+            return value.tolist()
+        return str(value)
+
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=plain) + "\n", encoding="utf-8")
+
+
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Write arrays to ``path`` (a ``.npz``), atomically.
 

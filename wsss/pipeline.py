@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from wsss.errors import ConfigError, DataError, WsssError
+from wsss.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +152,13 @@ def _check_values(config: dict[str, Any], path: Path) -> None:
     bad = [b for b in cams["baselines"] if b not in BASELINES]
     if bad:
         raise ConfigError(f"{path}: cams.baselines {bad} unknown; choose from {sorted(BASELINES)} (methods: {list(METHODS)})")
-    if not all(isinstance(s, (int, float)) and s > 0 for s in cams["scales"]) or not cams["scales"]:
-        raise ConfigError(f"{path}: cams.scales must be positive numbers, got {cams['scales']!r}")
     threshold = config["pseudo"]["threshold"]
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ConfigError(f"{path}: pseudo.threshold must be a finite number, got {threshold!r}")
-    scales = config["predict"]["scales"]
-    if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-        raise ConfigError(f"{path}: predict.scales must be a list of positive numbers, got {scales!r}")
+    for section in ("cams", "predict"):
+        scales = config[section]["scales"]
+        if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+            raise ConfigError(f"{path}: {section}.scales must be a list of positive numbers, got {scales!r}")
 
 
 def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
@@ -192,22 +192,6 @@ def _digest(payload: Any) -> str:
 # ----------------------------------------------------------------------------- manifests
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    from wsss.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
 def read_manifest(out: Path, stage: str) -> dict[str, Any] | None:
     try:
         manifest = json.loads((out / "manifests" / f"{stage}.json").read_text(encoding="utf-8"))
@@ -225,22 +209,23 @@ class Pipeline:
     out: Path
     data_root: Path
     hashes: dict[str, str] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)  # stage -> its manifest "results"
     _ids: dict[str, list[str]] = field(default_factory=dict)
 
     # -- helpers
+    @functools.cached_property
+    def layout(self):
+        from wsss.data.voc import VOCLayout
+
+        return VOCLayout(self.data_root)
+
     def ids(self, split: str) -> list[str]:
         if split not in self._ids:
-            from wsss.data.voc import VOCLayout
-
-            self._ids[split] = VOCLayout(self.data_root).read_ids(split)
+            self._ids[split] = self.layout.read_ids(split)
         return self._ids[split]
 
     @property
     def gt_dir(self) -> Path:
-        from wsss.data.voc import VOCLayout
-
-        return VOCLayout(self.data_root).mask_dir
+        return self.layout.mask_dir
 
     def cam_variants(self) -> dict[str, dict[str, Any]]:
         cams = self.config["cams"]
@@ -378,14 +363,12 @@ class Pipeline:
         return {"counts": {"images": len(ids)}, "results": rows}
 
     def run_pseudo(self) -> dict[str, Any]:
-        from wsss.data.voc import VOCLayout
         from wsss.stages.pseudo_labels import PseudoLabelParams, generate_pseudo_labels
 
         c = self.config["pseudo"]
         slic = {k: c[k] for k in ("n_segments", "compactness", "sigma") if c[k] is not None}
-        layout = VOCLayout(self.data_root)
         ids = self.ids(self.config["cam_split"])
-        images = {i: layout.image_path(i) for i in ids}
+        images = {i: self.layout.image_path(i) for i in ids}
         counts = {}
         for name in self.pseudo_variants():
             params = PseudoLabelParams(threshold=float(c["threshold"]), slic=slic)
@@ -446,7 +429,7 @@ class Pipeline:
             scores = evaluate_dirs(self.out / "predictions" / split, self.gt_dir, self.ids(split))
             rows[split] = {"miou": float(scores.miou), "pixel_accuracy": float(scores.pixel_accuracy)}
         results = build_results(self, rows)
-        _write_json(self.out / "results.json", results)
+        write_json(self.out / "results.json", results)
         return {"counts": {split: len(self.ids(split)) for split in rows}, "results": rows}
 
 
@@ -568,7 +551,7 @@ def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: b
         print(f"{banner}: running{' (resuming)' if resume else ''}", flush=True)
         record = {"stage": stage, "hash": digest, "deps": {d: pipeline.hashes[d] for d in DEPENDS[stage]},
                   "config": config[SECTION_OF[stage]] if SECTION_OF[stage] else None, "finished": False}
-        _write_json(out / "manifests" / f"{stage}.json", record)
+        write_json(out / "manifests" / f"{stage}.json", record)
         start = time.perf_counter()
         try:
             produced = RUNNERS[stage](pipeline)
@@ -578,7 +561,7 @@ def run_pipeline(config: dict[str, Any], start_from: str | None = None, force: b
             print(f"wsss run: stage '{stage}' failed (earlier stages' outputs are kept; rerun to resume)", file=sys.stderr, flush=True)
             raise
         seconds = time.perf_counter() - start
-        _write_json(out / "manifests" / f"{stage}.json", {**record, **produced, "seconds": round(seconds, 2), "finished": True,
+        write_json(out / "manifests" / f"{stage}.json", {**record, **produced, "seconds": round(seconds, 2), "finished": True,
                                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{banner}: done in {seconds:.1f}s", flush=True)
     if STAGES[last] == "evaluate":

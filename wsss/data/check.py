@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import collections
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 from tqdm import tqdm
 

@@ -15,19 +15,17 @@ Conventions:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
 from wsss.errors import ConfigError, DataError, name_some
-from wsss.io import atomic_path, ensure_output_file, image_info, read_label_png
+from wsss.io import ensure_output_file, image_info, read_label_png, write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
 from wsss.parallel import chunked, parallel_imap
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
@@ -230,12 +228,6 @@ def threshold_table(results: dict[float, SegmentationScores]) -> str:
 
 
 # --------------------------------------------------------------------------- CLIs
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, atomically."""
-    with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def _ids_from(list_file: Path | None, default_dir: Path, what: str) -> list[str]:
