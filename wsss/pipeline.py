@@ -47,14 +47,16 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 }
 # CAM variants: output folder -> (method, layers, scaled layers, save per-layer maps)
 BASELINES = {"gradcam": "gradcam", "gradcam++": "gradcampp"}
-SEED_ROWS = (  # (row name, CAM folder, npz key)
+SEED_ROWS = (  # (row name, CAM folder, npz key: None = the file's fused map, "a+b" = max of saved layers)
     ("Grad-CAM stage5", "gradcam", None),
     ("Grad-CAM++ stage5", "gradcampp", None),
     ("LayerCAM stage5", "layercam", "stage5"),
+    ("LayerCAM stage4", "layercam", "stage4"),
     ("LayerCAM stage3", "layercam", "stage3"),
+    ("LayerCAM stages 4-5 fused", "layercam", "stage4+stage5"),
     ("LayerCAM stages 3-5 fused", "layercam", None),
 )
-PSEUDO_ROWS = (("Grad-CAM stage5", "gradcam"), ("LayerCAM stages 3-5 fused", "layercam"))
+PSEUDO_ROWS = (("Grad-CAM stage5", "gradcam"), ("Grad-CAM++ stage5", "gradcampp"), ("LayerCAM stages 3-5 fused", "layercam"))
 
 DEFAULTS: dict[str, Any] = {
     "data_root": "toy",
@@ -79,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_cams": {"thresholds": "0.05:0.95:0.05", "workers": 1},
     "pseudo": {"threshold": 0.3, "n_segments": None, "compactness": None, "sigma": None, "workers": 1},
     "segmenter": {"config": None},
-    "predict": {"scales": [1.0], "flip": False, "batch_size": 1, "num_workers": 2, "accelerator": "auto"},
+    "predict": {"splits": None, "scales": [1.0], "flip": False, "batch_size": 1, "num_workers": 2, "accelerator": "auto"},
 }
 # In the segmenter section, `model.weights: classifier` starts the segmenter's trunk from this run's
 # classifier (the toy preset's stand-in for ImageNet initialisation, which the toy data has none of).
@@ -155,6 +157,9 @@ def _check_values(config: dict[str, Any], path: Path) -> None:
     threshold = config["pseudo"]["threshold"]
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ConfigError(f"{path}: pseudo.threshold must be a finite number, got {threshold!r}")
+    splits = config["predict"]["splits"]
+    if splits is not None and (not isinstance(splits, list) or not splits):
+        raise ConfigError(f"{path}: predict.splits must be a non-empty list of split names, got {splits!r}")
     for section in ("cams", "predict"):
         scales = config[section]["scales"]
         if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
@@ -234,11 +239,18 @@ class Pipeline:
             variants[BASELINES[method]] = {"method": method, "layers": ("stage5",), "scaled_layers": (), "save_layers": False}
         return variants
 
+    def has_layers(self, folder: str, key: str | None) -> bool:
+        """Whether the CAM files of ``folder`` hold the (``+``-joined) per-layer arrays ``key``."""
+        saved = self.cam_variants()[folder]["layers"] if self.cam_variants()[folder]["save_layers"] else ()
+        return key is None or all(layer in saved for layer in key.split("+"))
+
     def pseudo_variants(self) -> list[str]:
         return [name for _, name in PSEUDO_ROWS if name in self.cam_variants()]
 
     def prediction_splits(self) -> list[str]:
-        return list(dict.fromkeys([self.config["val_split"], self.config["eval_split"]]))
+        """Splits the segmenter predicts and is scored on: ``predict.splits``, by default val and eval."""
+        splits = self.config["predict"]["splits"] or [self.config["val_split"], self.config["eval_split"]]
+        return list(dict.fromkeys(str(s) for s in splits))
 
     def stage_hash(self, stage: str) -> str:
         c = self.config
@@ -354,7 +366,7 @@ class Pipeline:
         ids = self.ids(self.config["eval_split"])
         rows = {}
         for row, folder, key in SEED_ROWS:
-            if folder not in self.cam_variants():
+            if folder not in self.cam_variants() or not self.has_layers(folder, key):
                 continue
             scores = evaluate_cams(self.out / "cams" / folder, self.gt_dir, ids, thresholds, key=key, workers=int(c["workers"]))
             best = best_threshold(scores)

@@ -83,7 +83,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset.
         train_split: split name under ImageSets/Segmentation, or a list file path.
         val_split: as ``train_split``; validation measures mAP / F1 on it.
-        labels: image-level label source: ``auto`` (Annotations/ if present, else masks),
+        labels: image-level label source: ``auto`` (Annotations/ if present, else the root's
+            ``cls_labels.npy`` if present, else masks),
             ``annotations``, ``masks``, or a path to an IRN-style ``cls_labels.npy``.
         crop_size: training crop (and validation canvas) side in pixels.
         scale_range: random rescale factors for training.

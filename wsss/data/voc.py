@@ -5,6 +5,7 @@ Layout (SPEC.md "Data layout")::
     ROOT/JPEGImages/<id>.jpg
     ROOT/SegmentationClassAug/<id>.png   (preferred) or ROOT/SegmentationClass/<id>.png
     ROOT/Annotations/<id>.xml            (optional: image-level labels)
+    ROOT/cls_labels.npy                  (optional: IRN's label table, used when Annotations/ is absent)
     ROOT/ImageSets/Segmentation/{train,val,train_aug}.txt
 
 ``ROOT`` may be the ``VOC2012`` folder itself, ``VOCdevkit`` or the folder holding ``VOCdevkit``.
@@ -23,6 +24,10 @@ from wsss.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from wsss.errors import DataError, name_some
 
 log = logging.getLogger(__name__)
+
+# IRN's image-level label table (built from Annotations/), used by ``labels: auto`` when a dataset
+# ships it instead of the XML files.
+LABEL_TABLE_NAME = "cls_labels.npy"
 
 # An image id is a plain file stem: no separators, no leading dot, so it can never escape the root.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
@@ -45,6 +50,7 @@ class VOCLayout:
         self.root = found
         self.image_dir = found / "JPEGImages"
         self.annotation_dir = found / "Annotations"
+        self.label_table = found / LABEL_TABLE_NAME
         if mask_dir is not None:
             self.mask_dir = Path(mask_dir)
         else:
@@ -152,7 +158,8 @@ def _irn_key(image_id: str) -> int | None:
 class ImageLabels:
     """Image-level labels of a dataset, from one source chosen once and logged.
 
-    ``source``: ``"auto"`` (Annotations/ if the folder exists, else masks), ``"annotations"``,
+    ``source``: ``"auto"`` (Annotations/ if the folder exists, else ``ROOT/cls_labels.npy`` if that
+    file exists, else masks: the first two are the field's XML-derived labels), ``"annotations"``,
     ``"masks"``, or the path of an IRN-style ``cls_labels.npy`` (dict id -> float[20]; ids as
     strings or as IRN's integers, 2007_000032 -> 2007000032).
     """
@@ -162,7 +169,12 @@ class ImageLabels:
         self._table: dict | None = None
         text = str(source)
         if text == "auto":
-            text = "annotations" if layout.annotation_dir.is_dir() else "masks"
+            if layout.annotation_dir.is_dir():
+                text = "annotations"
+            elif layout.label_table.is_file():
+                text = str(layout.label_table)
+            else:
+                text = "masks"
         if text == "annotations":
             self.kind, self.description = "annotations", f"object annotations in {layout.annotation_dir}"
         elif text == "masks":

@@ -8,7 +8,7 @@ from torch import nn
 
 from wsss.classes import NUM_CLASSES
 from wsss.errors import WeightsError
-from wsss.models.vgg import load_trunk_weights, load_vgg16_state_dict, scaled_channels, stage_indices, vgg16_features
+from wsss.models.vgg import freeze_stages, load_trunk_weights, load_vgg16_state_dict, scaled_channels, stage_indices, vgg16_features
 
 
 class CAMClassifier(nn.Module):
@@ -21,10 +21,13 @@ class CAMClassifier(nn.Module):
             same topology (tests, toy runs). ImageNet weights need 1.0.
         head_groups: groups of the 3x3 head conv (CAM's original used 2).
         batch_norm: VGG16-BN trunk (random init only): trains from scratch in minutes on toy data.
+        frozen_stages: the first N VGG16 blocks keep their initial weights (0 = train all). CAMs
+            still take gradients through them (activation gradients need no weight gradients).
     """
 
     def __init__(
-        self, num_classes: int = NUM_CLASSES, weights: str | Path = "imagenet", width: float = 1.0, head_groups: int = 1, batch_norm: bool = False
+        self, num_classes: int = NUM_CLASSES, weights: str | Path = "imagenet", width: float = 1.0, head_groups: int = 1, batch_norm: bool = False,
+        frozen_stages: int = 0,
     ):
         super().__init__()
         if batch_norm and str(weights).lower() != "none":
@@ -47,6 +50,7 @@ class CAMClassifier(nn.Module):
         state = load_vgg16_state_dict(weights)
         if state is not None:
             load_trunk_weights(self.features, state, source=str(weights))
+        freeze_stages(self.features, frozen_stages, batch_norm)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Head feature map at 1/16 resolution, before pooling."""
@@ -60,4 +64,5 @@ class CAMClassifier(nn.Module):
         return [*self.head.parameters(), *self.classifier.parameters()]
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
-        return list(self.features.parameters())
+        """Trunk parameters that are trained (frozen stages excluded)."""
+        return [p for p in self.features.parameters() if p.requires_grad]

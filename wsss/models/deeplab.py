@@ -7,13 +7,15 @@ ReLU, dropout 0.5; fc7 1x1 -> 1024, ReLU, dropout 0.5; fc8 1x1 -> classes. Outpu
 
 Initialisation (``weights``):
 - ``"imagenet"`` or a local torchvision-style VGG16 state dict: conv layers copied, fc6/fc7
-  decimated from ImageNet fc6/fc7 (:func:`decimate_vgg_fc`), fc8 ~ N(0, 0.01).
+  decimated from ImageNet fc6/fc7 (:func:`decimate_vgg_fc`), fc8 ~ N(0, 0.01). A file with conv
+  layers only (no ``classifier.*``) leaves fc6/fc7 random (Kaiming) and says so in the log.
 - ``"classifier:/path/to.ckpt"``: the conv trunk from our stage-1 classifier's Lightning
   checkpoint (:func:`backbone_from_classifier_checkpoint`); fc6/fc7 random (Kaiming), fc8 ~ N(0, 0.01).
 - ``"none"``: everything random (tests and toy runs only; warns loudly).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,7 +24,9 @@ from torch import nn
 from wsss.classes import NUM_LABELS
 from wsss.errors import WeightsError
 from wsss.io import load_torch_file
-from wsss.models.vgg import load_trunk_weights, load_vgg16_state_dict, scaled_channels, vgg16_features
+from wsss.models.vgg import freeze_stages, load_trunk_weights, load_vgg16_state_dict, scaled_channels, vgg16_features
+
+log = logging.getLogger(__name__)
 
 # (kernel, stride, padding) of pool1..pool4: three stride-2 pools give output stride 8.
 DEEPLAB_POOL_SPECS = [(3, 2, 1), (3, 2, 1), (3, 2, 1), (3, 1, 1)]
@@ -32,6 +36,7 @@ OUTPUT_STRIDE = 8
 
 # DeepLab decimates ImageNet fc6/fc7: every 4th unit (4096 -> 1024) and, for fc6, the taps at
 # rows/cols 0, 3, 6 of the 7x7 grid (a 3x3 kernel spanning the same extent).
+VGG_FC_PREFIX = "classifier."  # torchvision's fc6/fc7/fc8 keys
 FC_UNIT_STRIDE = 4
 FC6_TAPS = (0, 3, 6)
 VGG_FC6_GRID = 7
@@ -113,9 +118,11 @@ class DeepLabLargeFOV(nn.Module):
             ImageNet weights need 1.0; a local file or checkpoint must match ``width``.
         batch_norm: VGG16-BN trunk (not the paper's network): only from random weights or from a
             stage-1 classifier trained with ``batch_norm`` (the toy preset, where no ImageNet exists).
+        frozen_stages: the first N VGG16 blocks keep their initial weights (0 = train all).
     """
 
-    def __init__(self, num_classes: int = NUM_LABELS, weights: str | Path = "imagenet", width: float = 1.0, batch_norm: bool = False):
+    def __init__(self, num_classes: int = NUM_LABELS, weights: str | Path = "imagenet", width: float = 1.0, batch_norm: bool = False,
+                 frozen_stages: int = 0):
         super().__init__()
         if str(weights).lower() == "imagenet" and width != 1.0:
             raise WeightsError(f"ImageNet VGG16 weights need width=1.0 (got width={width}); use weights='none'.")
@@ -141,6 +148,7 @@ class DeepLabLargeFOV(nn.Module):
         nn.init.normal_(self.fc8.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fc8.bias)
         self._load_weights(weights)
+        freeze_stages(self.features, frozen_stages, batch_norm)
 
     def _load_weights(self, weights: str | Path) -> None:
         text = str(weights)
@@ -153,6 +161,11 @@ class DeepLabLargeFOV(nn.Module):
         if state is None:
             return
         load_trunk_weights(self.features, state, source=text)
+        if not any(key.startswith(VGG_FC_PREFIX) for key in state):
+            # Conv-only VGG16 files (Keras/ONNX conversions, feature extractors) have no fc6/fc7 to
+            # decimate: the trunk is still ImageNet's, fc6/fc7 keep their random initialisation.
+            log.warning("%s has no ImageNet fc6/fc7 ('%s*' keys): DeepLab's fc6/fc7 are initialised randomly", text, VGG_FC_PREFIX)
+            return
         fc = decimate_vgg_fc(state)
         own = self.state_dict()
         for key, value in fc.items():
@@ -174,10 +187,12 @@ class DeepLabLargeFOV(nn.Module):
         """Parameters split as DeepLab's Caffe solver treats them (see ``LR_MULTIPLIERS``).
 
         ``weights``/``biases``: conv1..fc7 (pretrained or not); ``head_weights``/``head_biases``: fc8.
-        Every parameter is in exactly one group.
+        Every trained parameter is in exactly one group; frozen ones (``frozen_stages``) in none.
         """
         groups: dict[str, list[nn.Parameter]] = {name: [] for name in LR_MULTIPLIERS}
         for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
             head = "head_" if name.startswith("fc8.") else ""
             kind = "biases" if name.endswith("bias") else "weights"
             groups[head + kind].append(param)

@@ -43,6 +43,7 @@ from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, superpixel_labels
 log = logging.getLogger(__name__)
 
 CAM_SUFFIXES = (".npz", ".npy")
+FUSE_SEPARATOR = "+"  # ``key="stage4+stage5"``: fuse saved per-layer maps by element-wise maximum
 
 
 # --------------------------------------------------------------------------- CAM files
@@ -112,7 +113,8 @@ def load_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.
     Args:
         path: ``<id>.npz`` or IRN-style ``<id>.npy``.
         key: array holding the maps; default ``cams`` (npz) or ``high_res``/``cam`` (npy). A
-            per-layer array (e.g. ``stage3``) must have the same (K, H, W) layout in [0, 1].
+            per-layer array (e.g. ``stage3``) must have the same (K, H, W) layout in [0, 1];
+            ``stage4+stage5`` fuses saved per-layer arrays by element-wise maximum (npz only).
 
     Returns:
         ``(cams, classes)``: (K, H, W) float maps in [0, 1] and the (K,) int64 label values 1..20.
@@ -125,10 +127,11 @@ def load_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.
         try:
             with np.load(path, allow_pickle=False) as data:
                 name = key or "cams"
-                absent = [k for k in ("classes", name) if k not in data.files]
+                parts = name.split(FUSE_SEPARATOR)
+                absent = [k for k in ("classes", *parts) if k not in data.files]
                 if absent:
                     raise DataError(f"{path}: missing arrays {absent} (has {sorted(data.files)})")
-                raw_classes, maps = data["classes"], data[name]
+                raw_classes, part_maps = data["classes"], [data[part] for part in parts]
         except DataError:
             raise
         except FileNotFoundError:
@@ -136,6 +139,14 @@ def load_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.
         except Exception as exc:  # zip/pickle/format errors: the file is damaged or not an npz
             raise DataError(f"{path}: cannot read CAM file ({type(exc).__name__}: {exc})") from None
         classes = _check_classes(path, "classes", raw_classes, offset=0)
+        # "stage4+stage5": the element-wise maximum of saved per-layer maps, i.e. eq. 9's fusion
+        # of those layers without tanh scaling (they are stored normalised at the image size).
+        if len(parts) > 1:
+            checked = [_check_maps(path, part, m, classes) for part, m in zip(parts, part_maps)]
+            if len({m.shape for m in checked}) > 1:
+                raise DataError(f"{path}: arrays {parts} differ in shape ({[m.shape for m in checked]}); they cannot be fused")
+            part_maps = [np.maximum.reduce(checked)]
+        maps = part_maps[0]
     elif path.suffix == ".npy":
         data = load_pickled_npy(path)
         if not isinstance(data, dict):

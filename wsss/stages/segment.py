@@ -149,6 +149,7 @@ class SegmenterSystem(pl.LightningModule):
         poly_power: exponent of the per-step poly schedule (1 - step/max_steps) ** power.
         channels_last: NHWC memory format (faster convolutions on recent GPUs).
         batch_norm: VGG16-BN trunk (toy preset only; see :class:`DeepLabLargeFOV`).
+        frozen_stages: keep the first N VGG16 blocks at their initial weights (cheaper CPU steps).
     """
 
     def __init__(
@@ -163,10 +164,11 @@ class SegmenterSystem(pl.LightningModule):
         poly_power: float = 0.9,
         channels_last: bool = False,
         batch_norm: bool = False,
+        frozen_stages: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = DeepLabLargeFOV(num_classes, weights=weights, width=width, batch_norm=batch_norm)
+        self.model = DeepLabLargeFOV(num_classes, weights=weights, width=width, batch_norm=batch_norm, frozen_stages=frozen_stages)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.val_metric = SegmentationMetric(num_classes, IGNORE_INDEX)
