@@ -12,7 +12,7 @@ import pytest
 
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError
-from wsss.io import atomic_path, load_pickled_npy
+from wsss.io import atomic_path, is_temp_file, load_pickled_npy, write_irn_cams
 
 
 def save_npy_protocol2(path: Path, value) -> bytes:
@@ -71,3 +71,23 @@ def test_irn_cls_labels_in_protocol_2_loads_with_int32_keys_and_missing_ids_are_
     message = str(error.value)
     assert message.startswith(f"12 listed ids have no image-level labels in label table {path}: 2008_000000, 2008_000001")
     assert "(12 in all)" in message and ids[0] not in message
+
+
+def test_irn_cams_are_written_atomically_in_irns_layout(tmp_path, monkeypatch):
+    path = tmp_path / "2007_000032.npy"
+    write_irn_cams(path, np.array([4, 14]), np.full((2, 3, 5), 0.25))
+    saved = np.load(path, allow_pickle=True).item()
+    assert sorted(saved) == ["high_res", "keys"]
+    assert saved["keys"].dtype == np.int64 and saved["keys"].tolist() == [4, 14]
+    assert saved["high_res"].dtype == np.float32 and saved["high_res"].shape == (2, 3, 5)
+    before = path.read_bytes()
+
+    def save_half_then_fail(file, *args, **kwargs):
+        Path(file).write_bytes(before[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_irn_cams(path, np.array([0]), np.zeros((1, 3, 5)))
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if is_temp_file(p.name)]

@@ -231,6 +231,15 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+def write_irn_cams(path: str | Path, keys: np.ndarray, high_res: np.ndarray) -> None:
+    """Write one image's maps in IRN's ``make_cam.py`` layout to ``path`` (a ``.npy``), atomically:
+    the pickled dict ``{"keys": (K,) int64 0-based class indices, "high_res": (K, H, W) float32}``,
+    which IRN's later steps read with ``np.load(path, allow_pickle=True).item()``."""
+    cams = {"keys": np.asarray(keys, dtype=np.int64), "high_res": np.asarray(high_res, dtype=np.float32)}
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, cams, allow_pickle=True)
+
+
 def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
     """True when ``path`` is a complete .npz holding ``keys`` (used to skip finished work)."""
     try:
@@ -238,6 +247,16 @@ def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
             return all(key in data.files for key in keys)
     except Exception:
         return False
+
+
+def is_valid_npy_dict(path: Path, keys: tuple[str, ...]) -> bool:
+    """True when ``path`` is a complete ``.npy`` holding a pickled dict with ``keys`` (IRN's layout),
+    read with :func:`load_pickled_npy` since the folder may hold anyone's files."""
+    try:
+        value = load_pickled_npy(path)
+    except DataError:
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
 
 
 def _why_not_writable(folder: Path) -> str | None:
