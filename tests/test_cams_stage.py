@@ -14,6 +14,7 @@ from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.io import read_image
 from wsss.stages.cams import CamSystem
 from wsss.stages.classify import ClassifierSystem, load_classifier
+from wsss.stages.pseudo_labels import load_cams
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +59,65 @@ def test_cams_cli_writes_one_valid_file_per_image_matching_the_math(toy_root, cl
             np.testing.assert_allclose(saved["stage5"].astype(np.float32), normalize_maps(upsampled[2]).numpy(), atol=2e-3)
 
 
-def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, classifier_ckpt, tmp_path, capsys):
-    out = tmp_path / "cams"
-    assert _cams(toy_root, classifier_ckpt, out) == 0
-    files = sorted(out.glob("*.npz"))
-    # Simulate an interrupted run: one file missing, one truncated (as a crash before rename can't
-    # leave, but a copy from elsewhere might).
-    files[0].unlink()
-    files[1].write_bytes(files[1].read_bytes()[:50])
-    kept = {p: p.stat().st_mtime_ns for p in files[2:]}
+def test_irn_format_is_read_unchanged_by_irns_code_and_by_ours(toy_root, classifier_ckpt, tmp_path, capsys):
+    npz_dir, irn_dir = tmp_path / "npz", tmp_path / "irn"
+    assert _cams(toy_root, classifier_ckpt, npz_dir) == 0
+    assert _cams(toy_root, classifier_ckpt, irn_dir, "--format", "irn") == 0
+    layout = VOCLayout(toy_root)
+    ids = layout.read_ids("train")
+    assert sorted(p.name for p in irn_dir.iterdir()) == sorted(f"{i}.npy" for i in ids)
+    labels = ImageLabels(layout)
+    for image_id in ids:
+        path = irn_dir / f"{image_id}.npy"
+        # IRN's step/eval_cam.py and cam_to_ir_label.py, verbatim:
+        d = np.load(path, allow_pickle=True).item()
+        keys = np.pad(d["keys"] + 1, (1, 0), mode="constant")
+        cams = d["high_res"]
+        np.testing.assert_array_equal(keys, [0, *(np.flatnonzero(labels(image_id)) + 1)])
+        assert d["keys"].dtype == np.int64 and cams.dtype == np.float32
+        assert cams.shape == (len(keys) - 1, *read_image(layout.image_path(image_id)).shape[:2])
+        assert 0 <= cams.min() and cams.max() <= 1
+        ours, classes = load_cams(path)
+        reference, reference_classes = load_cams(npz_dir / f"{image_id}.npz")
+        np.testing.assert_array_equal(classes, reference_classes)
+        np.testing.assert_allclose(ours, reference.astype(np.float32), atol=1e-3)  # npz holds float16
     capsys.readouterr()
-    assert _cams(toy_root, classifier_ckpt, out) == 0
-    assert "2 CAM files written" in capsys.readouterr().out
+    assert cli(["pseudo-labels", "--data-root", str(toy_root), "--cams", str(irn_dir), "--out", str(tmp_path / "labels"), "--split", "train", "--workers", "1"]) == 0
+    assert f"{len(ids)} written" in capsys.readouterr().out
+
+
+def test_irn_format_has_no_place_for_per_layer_maps(toy_root, classifier_ckpt, tmp_path, capsys):
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--format", "irn", "--save-layers") == 2
+    assert "--save-layers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output_format", ["npz", "irn"])
+def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, classifier_ckpt, tmp_path, capsys, output_format):
+    out = tmp_path / "cams"
+    suffix = {"npz": ".npz", "irn": ".npy"}[output_format]
+    if output_format == "irn":  # another format's complete files are not this format's
+        assert _cams(toy_root, classifier_ckpt, out) == 0
+    capsys.readouterr()
+    assert _cams(toy_root, classifier_ckpt, out, "--format", output_format) == 0
+    assert "0 already complete" in capsys.readouterr().out
+    files = sorted(out.glob(f"*{suffix}"))
+    # Simulate an interrupted run: one file missing, one cut in half, one without its maps (as a
+    # crash before rename can't leave, but a copy from elsewhere might).
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes()[: files[1].stat().st_size // 2])
+    if output_format == "irn":
+        np.save(files[2], {"keys": np.zeros(0, np.int64)}, allow_pickle=True)
+    else:
+        np.savez(files[2], classes=np.zeros(0, np.int64))
+    kept = {p: p.stat().st_mtime_ns for p in files[3:]}
+    capsys.readouterr()
+    assert _cams(toy_root, classifier_ckpt, out, "--format", output_format) == 0
+    assert "3 CAM files written" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
-    with np.load(files[1]) as data:
-        assert data["cams"].ndim == 3
+    assert load_cams(files[1])[0].ndim == 3
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
-    assert _cams(toy_root, classifier_ckpt, out, "--overwrite") == 0
+    assert _cams(toy_root, classifier_ckpt, out, "--format", output_format, "--overwrite") == 0
     assert "written, 0 already" in capsys.readouterr().out
 
 

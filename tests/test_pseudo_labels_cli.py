@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import gaussian_filter
+from test_io import save_npy_protocol2
 
 from wsss.cli import main
 from wsss.data.voc import VOCLayout
 from wsss.errors import DataError
 from wsss.io import read_image, read_label_png, write_npz
-from wsss.stages.pseudo_labels import load_cams
+from wsss.stages.pseudo_labels import load_cams, make_pseudo_label
 
 
 def gt_cams(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +37,15 @@ def cam_dir(layout, tmp_path_factory) -> Path:
         classes, cams = gt_cams(read_label_png(layout.mask_path(image_id)))
         write_npz(out / f"{image_id}.npz", classes=classes, cams=cams, stage3=np.zeros_like(cams))
     return out
+
+
+def irn_make_cam_dict(classes: np.ndarray, high_res: np.ndarray) -> dict:
+    """What IRN's step/make_cam.py passes to np.save: torch tensors for ``keys`` (0-based) and the
+    stride-4 ``cam``, an ndarray for ``high_res``."""
+    label = torch.zeros(20)
+    label[torch.as_tensor(classes - 1)] = 1
+    height, width = high_res.shape[1:]
+    return {"keys": torch.nonzero(label)[:, 0], "cam": torch.rand(len(classes), (height + 3) // 4, (width + 3) // 4), "high_res": high_res}
 
 
 def run(args: list[str]) -> int:
@@ -92,8 +103,7 @@ def test_irn_npy_gives_the_same_pngs_as_npz(layout, cam_dir, tmp_path):
     npy_dir.mkdir()
     for image_id in ids:
         cams, classes = load_cams(cam_dir / f"{image_id}.npz")
-        # IRN make_cam.py: keys are 0-based foreground indices, high_res float32 maps.
-        np.save(npy_dir / f"{image_id}.npy", {"keys": classes - 1, "high_res": cams.astype(np.float32)})
+        np.save(npy_dir / f"{image_id}.npy", irn_make_cam_dict(classes, cams.astype(np.float32)))
     out_npz, out_npy = tmp_path / "a", tmp_path / "b"
     assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", out_npz, "--split", listfile, "--workers", 1]) == 0
     assert run(["--data-root", layout.root, "--cams", npy_dir, "--out", out_npy, "--split", listfile, "--workers", 2]) == 0
@@ -174,6 +184,73 @@ def test_bad_cam_file_fails_naming_it_and_leaves_nothing_partial(layout, cam_dir
     assert "2 written" in captured.out and "1 failed" in captured.out
     assert not (out / f"{ids[1]}.png").exists()
     assert no_temp_files(out)
+
+
+@pytest.mark.parametrize("protocol", ["np.save", "protocol 2"])
+def test_irn_make_cam_file_with_torch_tensors_is_read(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    high_res = rng.random((2, 30, 41), dtype=np.float32)
+    cams = irn_make_cam_dict(np.array([5, 15]), high_res)
+    path = tmp_path / "2007_000032.npy"
+    if protocol == "np.save":
+        np.save(path, cams)
+    else:  # NumPy < 1.17, IRN's time: even the tensors' storage bytes go through _codecs.encode
+        raw = save_npy_protocol2(path, cams)
+        assert b"_codecs" in raw and b"_load_from_bytes" in raw
+    maps, classes = load_cams(path)
+    assert classes.dtype == np.int64 and classes.tolist() == [5, 15]
+    assert maps.dtype == np.float32
+    np.testing.assert_array_equal(maps, high_res)
+    strided, _ = load_cams(path, key="cam")
+    assert isinstance(strided, np.ndarray) and strided.dtype == np.float32
+    np.testing.assert_array_equal(strided, cams["cam"].numpy())
+
+
+def test_irn_file_of_an_image_without_classes_in_protocol_2_is_read(tmp_path):
+    path = tmp_path / "x.npy"
+    save_npy_protocol2(path, irn_make_cam_dict(np.zeros(0, np.int64), np.zeros((0, 7, 9), np.float32)))  # b"" pickles as bytes()
+    maps, classes = load_cams(path)
+    assert maps.shape == (0, 7, 9) and classes.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("no keys", "missing entries ['keys']"),
+        ("no maps", "missing entries ['high_res']"),
+        ("keys (K, 1)", "'keys' must be a 1-D integer array"),
+        ("float keys", "'keys' must be a 1-D integer array"),
+        ("high_res (H, W)", "'high_res' must have shape (K, H, W)"),
+        ("high_res of one class", "'high_res' holds 1 maps for 2 classes"),
+        ("high_res a size short", "spatial shape"),
+        ("only the strided cam", "spatial shape"),
+    ],
+)
+def test_irn_file_with_missing_or_misshapen_entries_fails_naming_it(layout, tmp_path, problem, expected):
+    image_path = layout.image_path(layout.read_ids("train")[0])
+    height, width = read_image(image_path).shape[:2]
+    cams = irn_make_cam_dict(np.array([3, 8]), np.full((2, height, width), 0.5, np.float32))
+    if problem == "no keys":
+        del cams["keys"]
+    elif problem == "no maps":
+        del cams["high_res"], cams["cam"]
+    elif problem == "keys (K, 1)":
+        cams["keys"] = cams["keys"][:, None]
+    elif problem == "float keys":
+        cams["keys"] = cams["keys"].float()
+    elif problem == "high_res (H, W)":
+        cams["high_res"] = cams["high_res"][0]
+    elif problem == "high_res of one class":
+        cams["high_res"] = cams["high_res"][:1]
+    elif problem == "high_res a size short":
+        cams["high_res"] = cams["high_res"][:, :-1]
+    elif problem == "only the strided cam":
+        del cams["high_res"]
+    path = tmp_path / "irn.npy"
+    np.save(path, cams)
+    with pytest.raises(DataError) as error:
+        make_pseudo_label(image_path, path, None)
+    assert str(path) in str(error.value) and expected in str(error.value)
 
 
 def test_irn_file_with_background_channel_is_refused(tmp_path):

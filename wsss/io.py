@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import re
@@ -230,6 +231,15 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+def write_irn_cams(path: str | Path, keys: np.ndarray, high_res: np.ndarray) -> None:
+    """Write one image's maps in IRN's ``make_cam.py`` layout to ``path`` (a ``.npy``), atomically:
+    the pickled dict ``{"keys": (K,) int64 0-based class indices, "high_res": (K, H, W) float32}``,
+    which IRN's later steps read with ``np.load(path, allow_pickle=True).item()``."""
+    cams = {"keys": np.asarray(keys, dtype=np.int64), "high_res": np.asarray(high_res, dtype=np.float32)}
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, cams, allow_pickle=True)
+
+
 def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
     """True when ``path`` is a complete .npz holding ``keys`` (used to skip finished work)."""
     try:
@@ -237,6 +247,16 @@ def is_valid_npz(path: Path, keys: tuple[str, ...]) -> bool:
             return all(key in data.files for key in keys)
     except Exception:
         return False
+
+
+def is_valid_npy_dict(path: Path, keys: tuple[str, ...]) -> bool:
+    """True when ``path`` is a complete ``.npy`` holding a pickled dict with ``keys`` (IRN's layout),
+    read with :func:`load_pickled_npy` since the folder may hold anyone's files."""
+    try:
+        value = load_pickled_npy(path)
+    except DataError:
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
 
 
 def _why_not_writable(folder: Path) -> str | None:
@@ -273,20 +293,65 @@ def ensure_output_file(path: str | Path, what: str = "output file") -> Path:
     return path
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild dicts, lists and numpy arrays but refuses every other global,
-    so a crafted file cannot run code (plain ``np.load(allow_pickle=True)`` would)."""
+def _latin1_bytes(text, encoding):
+    """``_codecs.encode`` as protocol-2 pickles use it: Python 3 writes bytes for Python 2 readers as
+    ``_codecs.encode(<the bytes as latin-1 text>, 'latin1')``. Any other codec or argument is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing to load _codecs.encode({type(text).__name__}, {encoding!r}): only (str, 'latin1') is allowed")
+    return text.encode("latin-1")
+
+
+def _empty_bytes():
+    """``bytes()`` with no argument: how protocol 2 writes ``b""`` (the data of an empty array)."""
+    return b""
+
+
+def _refused_global(exc: Exception) -> str:
+    """`` (module.name)`` of the global torch's weights-only unpickler refused, from its page-long message."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    return f" ({found[1]})" if found else ""
+
+
+def _storage_from_bytes(data):
+    """Stands in for ``torch.storage._load_from_bytes``, which unpickles a pickled tensor's storage
+    with ``weights_only=False`` (so could run code): here only tensors and plain containers load."""
+    import torch
+
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing to load torch.storage._load_from_bytes({type(data).__name__}): bytes expected")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(f"refusing to load a pickled torch storage holding objects other than tensors{_refused_global(exc)}") from None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for foreign ``.npy`` files (IRN's dicts) that rebuilds dicts, lists, NumPy arrays and
+    torch tensors but refuses every other global, so a crafted file cannot run code (plain
+    ``np.load(allow_pickle=True)`` would). The three functions such files name that could do more
+    than that (``_codecs.encode``, ``bytes``, torch's ``_load_from_bytes``) are replaced by safe ones."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice"),
+        # A pickled tensor: _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict()).
+        ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("collections", "OrderedDict"),
+    }
+    _SUBSTITUTES = {
+        ("_codecs", "encode"): _latin1_bytes,
+        ("builtins", "bytes"): _empty_bytes,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     }
 
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # protocol 2 names builtins the Python 2 way
+            module = "builtins"
+        if (module, name) in self._SUBSTITUTES:
+            return self._SUBSTITUTES[module, name]
         if (module, name) in self._ALLOWED or (module == "numpy" and name.endswith("DType")) or module == "numpy.dtypes":
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy data is allowed")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only NumPy arrays, torch tensors and plain containers are allowed")
 
 
 def load_torch_file(path: str | Path, what: str = "file"):
@@ -302,10 +367,8 @@ def load_torch_file(path: str | Path, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's own text is a page of advice; keep the offending name
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        refused = f" ({found[1]})" if found else ""
         raise WeightsError(f"{path}: refusing to load {what}: it holds pickled objects other than tensors and plain "
-                           f"containers{refused}, which could run code when loaded") from None
+                           f"containers{_refused_global(exc)}, which could run code when loaded") from None
     except Exception as exc:
         raise WeightsError(f"{path}: cannot load {what} safely ({type(exc).__name__}: {exc})") from None
 
@@ -314,6 +377,8 @@ def load_pickled_npy(path: str | Path):
     """Load an ``.npy`` that holds a pickled object (IRN's dicts) without executing foreign code.
 
     Returns the stored object (a 0-d object array is unwrapped); plain numeric arrays load normally.
+    Pickles of any protocol load, including protocol 2 (IRN's ``cls_labels.npy``), and torch tensors
+    in them (IRN's CAM files) come back as CPU tensors.
     Raises DataError naming the file on any problem.
     """
     path = Path(path)
@@ -323,7 +388,7 @@ def load_pickled_npy(path: str | Path):
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             _, _, dtype = read_header(handle)
             if dtype.hasobject:
-                value = _NumpyOnlyUnpickler(handle).load()
+                value = _RestrictedUnpickler(handle).load()
                 if isinstance(value, np.ndarray) and value.shape == () and value.dtype == object:
                     value = value.item()
                 return value

@@ -3,6 +3,10 @@
 One ``OUT/<id>.npz`` per image: ``classes`` (int64 label values 1..20) and ``cams`` (float16,
 (K, H, W) at the original image size, fused, in [0, 1]); with ``save_layers`` also one
 normalised, upsampled (K, H, W) float16 map per layer, stored under the layer's name.
+
+With ``output_format="irn"`` one ``OUT/<id>.npy`` per image instead, in IRN's ``make_cam.py``
+layout so that IRN's later steps read it unchanged: a pickled dict with ``keys`` (int64 0-based
+class indices, label value - 1) and ``high_res`` (float32 fused maps, as above).
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import ConfigError
-from wsss.io import ensure_output_dir, image_info, is_valid_npz, write_npz
+from wsss.io import ensure_output_dir, image_info, is_valid_npy_dict, is_valid_npz, write_irn_cams, write_npz
 from wsss.lightning import gather_objects, is_global_zero, parse_devices, predict_trainer
 
 log = logging.getLogger(__name__)
 CAM_KEYS = ("classes", "cams")
+IRN_KEYS = ("keys", "high_res")
+OUTPUT_FORMATS = ("npz", "irn")
 IRN_SCALES = (1.0, 0.5, 1.5, 2.0)
 
 
@@ -81,37 +87,43 @@ class CamSystem(pl.LightningModule):
             classes = np.asarray(class_ids[index], dtype=np.int64) + 1
             if not len(classes):  # no image-level class: nothing to explain, K = 0
                 empty = np.zeros((0, *size), dtype=np.float16)
-                results.append({"id": image_id, "classes": classes, "cams": empty, "layers": {layer: empty for layer in self.layers}})
+                results.append({"id": image_id, "classes": classes, "cams": np.zeros((0, *size), np.float32), "layers": {layer: empty for layer in self.layers}})
                 continue
             summed = accumulate_multiscale([view[index] for view in per_view], [flipped for _, flipped in self.views], size)
             fused = fuse_cams(summed, size, self.scaled, self.gamma)
             layer_maps = {layer: normalize_maps(maps).cpu().numpy().astype(np.float16) for layer, maps in zip(self.layers, summed)}
-            results.append({"id": image_id, "classes": classes, "cams": fused.cpu().numpy().astype(np.float16), "layers": layer_maps})
+            # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
+            results.append({"id": image_id, "classes": classes, "cams": fused.cpu().numpy(), "layers": layer_maps})
         return results
 
 
 class CamWriter(BasePredictionWriter):
-    """Writes each image's maps as soon as its batch is done: atomic, never kept in memory.
-    ``written`` counts this process's files."""
+    """Writes each image's maps as soon as its batch is done (``<id>.npz``, or ``<id>.npy`` in IRN's
+    layout): atomic, never kept in memory. ``written`` counts this process's files."""
 
-    def __init__(self, out_dir: Path, save_layers: bool):
+    def __init__(self, out_dir: Path, save_layers: bool, output_format: str = "npz"):
         super().__init__(write_interval="batch")
-        self.out_dir, self.save_layers = out_dir, save_layers
+        self.out_dir, self.save_layers, self.output_format = out_dir, save_layers, output_format
         self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
         for item in prediction:
-            arrays = {"classes": item["classes"], "cams": item["cams"]}
-            if self.save_layers:
-                arrays.update(item["layers"])
-            write_npz(self.out_dir / f"{item['id']}.npz", **arrays)
+            if self.output_format == "irn":
+                write_irn_cams(self.out_dir / f"{item['id']}.npy", item["classes"] - 1, item["cams"])
+            else:
+                arrays = {"classes": item["classes"], "cams": item["cams"].astype(np.float16)}
+                if self.save_layers:
+                    arrays.update(item["layers"])
+                write_npz(self.out_dir / f"{item['id']}.npz", **arrays)
             self.written += 1
 
 
-def pending_ids(ids: list[str], out_dir: Path, overwrite: bool) -> list[str]:
-    """Ids whose output is missing or incomplete (everything with ``overwrite``)."""
+def pending_ids(ids: list[str], out_dir: Path, overwrite: bool, output_format: str = "npz") -> list[str]:
+    """Ids whose output in ``output_format`` is missing or incomplete (everything with ``overwrite``)."""
     if overwrite:
         return ids
+    if output_format == "irn":
+        return [i for i in ids if not is_valid_npy_dict(out_dir / f"{i}.npy", IRN_KEYS)]
     return [i for i in ids if not is_valid_npz(out_dir / f"{i}.npz", CAM_KEYS)]
 
 
@@ -131,15 +143,20 @@ def run_cams(
     num_workers: int = 2,
     save_layers: bool = False,
     overwrite: bool = False,
+    output_format: str = "npz",
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
     progress: bool = True,
 ) -> dict[str, int]:
-    """Write CAMs for ``split`` into ``out_dir``; returns counts of written (by all processes
-    together) and skipped images."""
+    """Write CAMs for ``split`` into ``out_dir`` (``output_format``: ``npz``, or ``irn`` for IRN's
+    ``.npy`` layout); returns counts of written (by all processes together) and skipped images."""
     from wsss.stages.classify import load_classifier
 
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if save_layers and output_format != "npz":
+        raise ConfigError("per-layer maps (--save-layers) are stored only in the npz format; IRN's layout has no place for them")
     unknown = set(scaled_layers) - set(layers)
     if unknown:
         raise ConfigError(f"scaled layers {sorted(unknown)} are not among the CAM layers {list(layers)}")
@@ -152,7 +169,7 @@ def run_cams(
     ensure_output_dir(out_dir)
     system = CamSystem(load_classifier(checkpoint), list(layers), [layer in scaled_layers for layer in layers], method, gamma, tuple(scales), flip)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = pending_ids(ids, out_dir, overwrite)
+    todo = pending_ids(ids, out_dir, overwrite, output_format)
     log.info("CAMs (%s at %s) for %d of %d images in %s; %d already done", method, ",".join(layers), len(todo), len(ids), out_dir, len(ids) - len(todo))
     if not todo:
         return {"written": 0, "skipped": len(ids)}
@@ -161,7 +178,7 @@ def run_cams(
     # Header reads only; an unreadable or too large image is refused here, before any work.
     todo.sort(key=lambda i: (int(image_labels(i).sum()), image_info(layout.image_path(i))[:2]))
     data = PredictDataModule(ImageDataset(layout, todo, eval_transform(), image_labels), batch_size, num_workers, collate_list)
-    writer = CamWriter(out_dir, save_layers)
+    writer = CamWriter(out_dir, save_layers, output_format)
     # CAMs need gradients; predict would otherwise run under inference_mode.
     trainer = predict_trainer(writer, accelerator, devices, strategy, progress, inference_mode=False)
     trainer.predict(system, datamodule=data, return_predictions=False)
@@ -176,7 +193,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss cams", description="Stage 2: CAMs of every image's image-level classes, fused across layers.")
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint from `wsss train-cls`")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--out", required=True, help="output folder for <id>.npz")
+    parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn)")
+    parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
+                        help="npz (default), or irn: IRN's make_cam.py <id>.npy dict (keys, high_res) that IRN's later steps read unchanged")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--labels", default="auto", help="image-level labels: auto, annotations, masks, or a cls_labels.npy")
     parser.add_argument("--method", default="layercam", choices=METHODS)
@@ -199,7 +218,7 @@ def main(argv: list[str]) -> int:
     counts = run_cams(
         args.checkpoint, args.data_root, args.out, args.split, args.labels, args.method, _names(args.layers), _names(args.scaled),
         args.gamma, scales, args.flip, args.batch_size, args.num_workers, args.save_layers, args.overwrite,
-        args.accelerator, devices, args.strategy,
+        args.format, args.accelerator, devices, args.strategy,
     )
     if not is_global_zero():
         return 0

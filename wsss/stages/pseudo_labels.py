@@ -9,13 +9,14 @@ Accepted CAM files, looked up as ``CAMDIR/<id>.npz`` first, then ``CAMDIR/<id>.n
 - ``.npz`` (this pipeline's CAM stage): ``classes`` (K,) integers, the VOC label values 1..20, and
   ``cams`` (K, H, W) floating point in [0, 1] at the image size. Other arrays (per-layer maps)
   are ignored unless selected with ``key``.
-- ``.npy`` (IRN's ``make_cam.py``): a pickled dict with ``keys`` (K,) the *0-based foreground*
-  class indices (label value - 1, no background entry) and ``high_res`` (K, H, W) maps in [0, 1]
-  at the image size; ``cam`` is used when ``high_res`` is absent, provided it is a NumPy array at
-  the image size (IRN's own ``cam`` is a stride-4 torch tensor and is refused). Files whose maps
-  carry a background channel (K + 1 maps, as IRN's evaluation pads them in memory) are refused
-  with a message saying so. Loaded with :func:`wsss.io.load_pickled_npy`, never
-  ``np.load(allow_pickle=True)``.
+- ``.npy`` (IRN's ``make_cam.py``, or ``wsss cams --format irn``): a pickled dict with ``keys`` (K,)
+  the *0-based foreground* class indices (label value - 1, no background entry) and ``high_res``
+  (K, H, W) maps in [0, 1] at the image size; ``cam`` is used when ``high_res`` is absent, and must
+  then be at the image size too (IRN's own ``cam`` is at stride 4, so it is refused as the wrong
+  size). Entries may be NumPy arrays or torch tensors (IRN stores ``keys`` and ``cam`` as tensors).
+  Files whose maps carry a background channel (K + 1 maps, as IRN's evaluation pads them in
+  memory) are refused with a message saying so. Loaded with :func:`wsss.io.load_pickled_npy`,
+  never ``np.load(allow_pickle=True)``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
 
@@ -73,6 +75,19 @@ def find_cam_files(cam_dir: Path, ids: Sequence[str]) -> tuple[dict[str, Path], 
         else:
             found[image_id] = cam_dir / name
     return found, missing
+
+
+def _tensor_as_numpy(value: Any) -> Any:
+    """A torch tensor (IRN stores ``keys`` and ``cam`` as tensors) as NumPy: integers as int64, floating
+    point as float32, other dtypes unchanged for the checks to refuse; anything else is returned as is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    if value.is_floating_point():
+        value = value.float()
+    elif not value.is_complex() and value.dtype != torch.bool:
+        value = value.long()
+    return value.numpy()
 
 
 def _check_maps(path: Path, name: str, maps: Any, classes: np.ndarray) -> np.ndarray:
@@ -151,12 +166,12 @@ def load_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.
         data = load_pickled_npy(path)
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected an IRN-style dict with 'keys' and 'high_res', got {type(data).__name__}")
-        name = key or ("high_res" if "high_res" in data else "cam")
+        name = key or ("cam" if "high_res" not in data and "cam" in data else "high_res")
         absent = [k for k in ("keys", name) if k not in data]
         if absent:
             raise DataError(f"{path}: missing entries {absent} (has {sorted(map(str, data))})")
-        maps = data[name]
-        classes = _check_classes(path, "keys", data["keys"], offset=1)
+        maps = _tensor_as_numpy(data[name])
+        classes = _check_classes(path, "keys", _tensor_as_numpy(data["keys"]), offset=1)
         if isinstance(maps, np.ndarray) and maps.ndim == 3 and maps.shape[0] == len(classes) + 1:
             raise DataError(
                 f"{path}: '{name}' has {maps.shape[0]} maps for {len(classes)} keys; a background channel "
