@@ -84,3 +84,40 @@ def test_imagenet_download_failure_says_how_to_pass_a_local_file(monkeypatch):
 def test_random_weights_warn_loudly():
     with pytest.warns(UserWarning, match="RANDOM"):
         CAMClassifier(weights="none", width=0.125)
+
+
+def test_frozen_stages_keep_their_weights_and_cams_still_reach_them():
+    torch.manual_seed(0)
+    frozen = CAMClassifier(weights="none", width=0.125, frozen_stages=3)
+    torch.manual_seed(0)
+    free = CAMClassifier(weights="none", width=0.125)
+    last_frozen = stage_indices()["stage3"]
+    for name, parameter in frozen.features.named_parameters():
+        assert parameter.requires_grad == (int(name.split(".")[0]) > last_frozen), name
+    assert all(p.requires_grad for p in frozen.new_parameters())
+    assert {id(p) for p in frozen.pretrained_parameters()} == {id(p) for p in frozen.features.parameters() if p.requires_grad}
+    # One optimiser step moves only the trained layers.
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    optimizer = torch.optim.SGD([*frozen.pretrained_parameters(), *frozen.new_parameters()], lr=0.1)
+    frozen(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    after = frozen.state_dict()
+    assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    assert torch.equal(before["features.14.weight"], after["features.14.weight"])  # conv3_3, the last frozen conv
+    assert not torch.equal(before["features.28.weight"], after["features.28.weight"])
+    # Gradients with respect to activations, all CAMs need, do not depend on freezing.
+    from wsss.cams import compute_cams
+
+    images = torch.randn(1, 3, 64, 64)
+    frozen.load_state_dict(free.state_dict())
+    ours = compute_cams(frozen.eval(), images, [[3]], ["stage1", "stage3"])
+    reference = compute_cams(free.eval(), images, [[3]], ["stage1", "stage3"])
+    for layer in ("stage1", "stage3"):
+        assert torch.allclose(ours[layer][0], reference[layer][0]) and ours[layer][0].abs().sum() > 0
+
+
+def test_frozen_stages_out_of_range_is_a_config_error():
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frozen_stages must be in 0..5"):
+        CAMClassifier(weights="none", width=0.125, frozen_stages=6)

@@ -1,6 +1,8 @@
 """VOC data layer: layout, id lists, image-level labels, paired transforms, toy data, check-data."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,18 @@ def test_label_sources_agree_on_toy_data_and_table_is_read(toy_root, tmp_path):
         from_table.check(["2007_000032"])
     np.save(tmp_path / "irn.npy", {2007000032: np.eye(20)[4]}, allow_pickle=True)
     np.testing.assert_array_equal(ImageLabels(layout, str(tmp_path / "irn.npy"))("2007_000032"), np.eye(20)[4])
+
+
+def test_auto_labels_use_the_roots_cls_labels_table_when_there_are_no_annotations(tmp_path):
+    root = make_toy_voc(tmp_path / "v", num_train=2, num_val=1, num_train_subset=1)
+    shutil.rmtree(root / "Annotations")
+    assert ImageLabels(VOCLayout(root)).kind == "masks"
+    np.save(root / "cls_labels.npy", {"toy_00000": np.eye(20, dtype=np.float32)[6]}, allow_pickle=True)
+    labels = ImageLabels(VOCLayout(root))
+    assert labels.kind == "table" and "cls_labels.npy" in labels.description
+    assert np.flatnonzero(labels("toy_00000")).tolist() == [6]  # the table's car, not the mask's classes
+    with pytest.raises(DataError, match="1 listed ids have no image-level labels.*toy_00001"):
+        labels.check(["toy_00000", "toy_00001"])
 
 
 def test_annotation_labels_differ_from_masks_when_xml_says_so(toy_root, tmp_path):

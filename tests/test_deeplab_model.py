@@ -305,3 +305,27 @@ def test_param_groups_follow_deeplab_convention():
     assert opt_groups["head_weights"]["weight_decay"] == pytest.approx(5e-4)
     assert opt_groups["head_biases"]["lr"] == pytest.approx(2e-2) and opt_groups["head_biases"]["weight_decay"] == 0
     torch.optim.SGD(list(opt_groups.values()), lr=1e-3, momentum=0.9)  # accepted as-is
+
+
+def test_conv_only_weights_file_loads_the_trunk_and_logs_random_fc6_fc7(tmp_path, caplog):
+    torch.manual_seed(1)
+    conv_only = {k: v for k, v in _fake_vgg_state(NARROW).items() if k.startswith("features.")}
+    path = tmp_path / "vgg16_conv.pth"
+    torch.save(conv_only, path)
+    with caplog.at_level("WARNING", logger="wsss.models.deeplab"):
+        torch.manual_seed(5)
+        model = DeepLabLargeFOV(weights=str(path), width=NARROW)
+    assert torch.equal(model.features[28].weight, conv_only["features.28.weight"])
+    assert any("fc6/fc7 are initialised randomly" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    torch.manual_seed(5)
+    random_init = DeepLabLargeFOV(weights="none", width=NARROW)
+    assert torch.equal(model.fc6.weight, random_init.fc6.weight) and torch.equal(model.fc7.weight, random_init.fc7.weight)
+
+
+def test_frozen_stages_leave_their_parameters_out_of_the_optimizer():
+    model = DeepLabLargeFOV(weights="none", width=NARROW, frozen_stages=2)
+    grouped = {id(p) for params in model.param_groups().values() for p in params}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert grouped == trained
+    assert not model.features[0].weight.requires_grad and not model.features[7].weight.requires_grad  # conv1_1, conv2_2
+    assert model.features[10].weight.requires_grad and model.fc6.weight.requires_grad  # conv3_1, fc6

@@ -261,3 +261,50 @@ def test_shipped_pipeline_configs_load_and_point_at_their_stage_configs():
         assert Path(config["classifier"]["config"]).is_file() and Path(config["segmenter"]["config"]).is_file()
     toy = load_config(CONFIGS / "pipeline.yaml")
     assert toy["segmenter"]["model"]["weights"] == "classifier" and toy["cam_split"] == "train_aug"
+
+
+def test_voc_mini_configs_reach_every_stage_on_a_voc_layout_with_irns_label_table(tmp_path, capsys):
+    """configs/voc_mini/ as shipped (frozen stages, bf16, the paper's CAM and pseudo-label settings)
+    on a tiny VOC folder laid out like ../shared/data/voc12_mini: no Annotations/, IRN's
+    cls_labels.npy (protocol 2) at the root; only the network width, sizes and steps are shrunk."""
+    from test_io import save_npy_protocol2
+
+    from wsss.data.toy import make_toy_voc
+    from wsss.data.voc import ImageLabels, VOCLayout
+
+    root = make_toy_voc(tmp_path / "VOC2012", seed=3, num_train=10, num_val=4, num_train_subset=10)
+    layout = VOCLayout(root)
+    from_masks = ImageLabels(layout, "masks")
+    table = {i: from_masks(i) for s in ("train", "val") for i in layout.read_ids(s)}
+    image_id = layout.read_ids("train")[0]
+    table[image_id] = np.eye(20, dtype=np.float32)[19]  # tvmonitor: in no toy mask, so only the table says so
+    shutil.rmtree(root / "Annotations")
+    save_npy_protocol2(root / "cls_labels.npy", table)
+    voc_mini = CONFIGS.parent / "voc_mini"
+    config = yaml.safe_load((voc_mini / "pipeline.yaml").read_text())
+    tiny = {"model": {"weights": "none", "width": 0.125}}
+    config.update(
+        data_root=str(root), out=str(tmp_path / "out"),
+        classifier={**config["classifier"], **tiny, "config": str(voc_mini / "classifier.yaml"),
+                    "trainer": {"max_epochs": 1}, "data": {"crop_size": 64, "batch_size": 4, "num_workers": 0}},
+        segmenter={**config["segmenter"], **tiny, "config": str(voc_mini / "segmenter.yaml"),
+                   "trainer": {"max_steps": 2}, "data": {"crop_size": 33, "batch_size": 2, "num_workers": 0}},
+    )
+    config["cams"]["num_workers"] = config["predict"]["num_workers"] = 0
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["run", "-c", str(path)]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["stage"], r["method"], r["split"]) for r in results["rows"]}
+    for method in ("Grad-CAM stage5", "Grad-CAM++ stage5", "LayerCAM stage5", "LayerCAM stage4", "LayerCAM stage3",
+                   "LayerCAM stages 4-5 fused", "LayerCAM stages 3-5 fused"):
+        assert ("CAM seeds", method, "train") in rows, method
+    for method in ("Grad-CAM stage5", "Grad-CAM++ stage5", "LayerCAM stages 3-5 fused"):
+        assert ("pseudo-labels", method, "train") in rows, method
+    assert [r["split"] for r in results["rows"] if r["stage"] == "segmenter"] == ["val", "train"]  # predict.splits
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["train", "val"]
+    classifier = torch.load(out / "classifier" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert classifier["frozen_stages"] == 4
+    with np.load(out / "cams" / "layercam" / f"{image_id}.npz") as cams:  # labels came from the root's table
+        assert cams["classes"].tolist() == [20]

@@ -282,3 +282,20 @@ def test_bad_options_exit_2(layout, cam_dir, tmp_path, capsys):
     assert "--workers" in capsys.readouterr().err
     assert run(["--data-root", layout.root, "--cams", tmp_path / "nope", "--out", tmp_path / "o"]) == 2
     assert "CAM directory not found" in capsys.readouterr().err
+
+
+def test_plus_key_fuses_saved_layers_by_elementwise_maximum(tmp_path):
+    classes = np.array([3, 12])
+    stage4 = np.array([[[0.1, 0.9], [0.5, 0.0]], [[1.0, 0.2], [0.3, 0.3]]], dtype=np.float16)
+    stage5 = np.array([[[0.4, 0.2], [0.5, 1.0]], [[0.0, 0.6], [0.7, 0.1]]], dtype=np.float16)
+    path = tmp_path / "a.npz"
+    write_npz(path, classes=classes, cams=np.ones_like(stage4), stage4=stage4, stage5=stage5)
+    fused, got_classes = load_cams(path, key="stage4+stage5")
+    expected = np.array([[[0.4, 0.9], [0.5, 1.0]], [[1.0, 0.6], [0.7, 0.3]]], dtype=np.float16)  # by hand
+    np.testing.assert_array_equal(fused, expected)
+    np.testing.assert_array_equal(got_classes, classes)
+    with pytest.raises(DataError, match=r"missing arrays \['stage3'\]"):
+        load_cams(path, key="stage3+stage5")
+    write_npz(path, classes=classes, stage4=stage4, stage5=stage5[:, :1])
+    with pytest.raises(DataError, match="differ in shape"):
+        load_cams(path, key="stage4+stage5")

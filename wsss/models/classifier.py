@@ -57,7 +57,11 @@ class CAMClassifier(nn.Module):
         return self.head(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(images).mean(dim=(2, 3)))
+        # Pooling and the linear layer in float32 even under bf16 autocast: they cost nothing, and
+        # bf16 logits (3 significant digits) would tie images in the ranking mAP is computed from.
+        pooled = self.forward_features(images).float().mean(dim=(2, 3))
+        with torch.autocast(images.device.type, enabled=False):
+            return self.classifier(pooled)
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters not initialised from ImageNet (trained at a higher learning rate)."""
