@@ -59,7 +59,7 @@ class CAMClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Pooling and the linear layer in float32 even under bf16 autocast: they cost nothing, and
         # bf16 logits (3 significant digits) would tie images in the ranking mAP is computed from.
-        pooled = self.forward_features(images).float().mean(dim=(2, 3))
+        pooled = self.forward_features(images).to(self.classifier.weight.dtype).mean(dim=(2, 3))
         with torch.autocast(images.device.type, enabled=False):
             return self.classifier(pooled)
 
