@@ -274,6 +274,34 @@ def test_under_no_grad_and_inference_mode():
     assert expected["conv1"][0].amax() > 0
 
 
+def test_model_in_train_mode_gives_its_eval_mode_maps_alone_or_batched():
+    """In train mode BatchNorm normalises with the batch's statistics (and dropout drops at random),
+    so a backward of summed scores would mix the images of a batch. compute_cams runs the model in
+    eval mode for the call, then puts back every module's own flag and leaves the running stats."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CAMClassifier(num_classes=20, weights="none", width=0.125, batch_norm=True).double()
+    with torch.no_grad():
+        model.train()(torch.randn(6, 3, 32, 32, dtype=torch.float64) * 2 + 1)  # running stats far from 0/1
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    class_ids = [[3], [0, 7], [12]]
+    layers = ["stage3", "stage5"]
+    expected = compute_cams(model.eval(), images, class_ids, layers)
+
+    model.train()
+    model.head.eval()  # a mixed state, to be restored exactly
+    modes = [m.training for m in model.modules()]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    batched = compute_cams(model, images, class_ids, layers)
+    alone = [compute_cams(model, images[n:n + 1], [ids], layers) for n, ids in enumerate(class_ids)]
+    assert_maps_close(batched, expected)
+    for n, single in enumerate(alone):
+        assert_maps_close(single, {layer: [expected[layer][n]] for layer in layers})
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+
+
 def test_model_built_under_inference_mode_is_a_clear_error():
     with torch.inference_mode():
         model = TinyNet()

@@ -36,8 +36,10 @@ def compute_cams(
     """Raw class activation maps of the requested classes at the requested layers.
 
     Args:
-        model: any module mapping ``images`` (N, 3, H, W) to logits (N, C). Its mode (eval/train)
-            is used as is; call ``model.eval()`` first for deterministic maps.
+        model: any module mapping ``images`` (N, 3, H, W) to logits (N, C). It runs in eval mode
+            for the call, whatever its mode: in train mode BatchNorm would normalise with the
+            batch's statistics and dropout drop at random, so an image's maps would depend on the
+            other images of the batch. Every module's own training flag is put back afterwards.
         images: batch on the model's device. It never needs (or gets) a gradient; tensors created
             under ``torch.inference_mode`` are accepted (they are copied once).
         class_ids: one sequence of class indices into the logits per image, of any length
@@ -60,7 +62,7 @@ def compute_cams(
     layer is recorded for autograd, so that part of the forward costs what inference costs.
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (it enables grad internally).
-    Hooks and ``requires_grad`` flags of the model are restored even when an error is raised.
+    Hooks, ``requires_grad`` and training flags of the model are restored even when an error is raised.
 
     Raises:
         ValueError: unknown method or layer, ``len(class_ids) != N``, a class index outside the
@@ -188,8 +190,9 @@ def accumulate_multiscale(views: Sequence[Sequence[Tensor]], flipped: Sequence[b
 def _forward_with_hooks(model: nn.Module, images: Tensor, module_names: list[str]) -> tuple[dict[str, Tensor], Tensor]:
     """One forward pass recording the outputs of ``module_names`` as autograd inputs.
 
-    Parameters are frozen for the pass, so autograd records only what follows the first hooked
-    layer; hooks and ``requires_grad`` flags are restored before returning or raising.
+    The model runs in eval mode and its parameters are frozen for the pass, so autograd records
+    only what follows the first hooked layer; hooks, training and ``requires_grad`` flags are
+    restored before returning or raising.
     """
     modules = dict(model.named_modules())
     activations: dict[str, Tensor] = {}
@@ -211,8 +214,10 @@ def _forward_with_hooks(model: nn.Module, images: Tensor, module_names: list[str
         return hook
 
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
     handles = []
     try:
+        model.eval()
         for parameter, _ in flags:
             parameter.requires_grad_(False)
         for name in module_names:
@@ -223,6 +228,8 @@ def _forward_with_hooks(model: nn.Module, images: Tensor, module_names: list[str
             handle.remove()
         for parameter, requires_grad in flags:
             parameter.requires_grad_(requires_grad)
+        for module, training in modes:
+            module.training = training
     missing = [name for name in module_names if name not in activations]
     if missing:
         raise ValueError(f"layers {missing} did not run during the forward pass")
