@@ -5,14 +5,23 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError
-from wsss.io import atomic_path, is_temp_file, load_pickled_npy, write_irn_cams
+from wsss.io import atomic_path, is_temp_file, load_pickled_npy, read_label_png, write_irn_cams
+
+
+def _env() -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's wsss."""
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
 
 
 def save_npy_protocol2(path: Path, value) -> bytes:
@@ -27,15 +36,29 @@ def save_npy_protocol2(path: Path, value) -> bytes:
 
 
 def test_atomic_file_gets_the_umask_permissions_not_mkstemps_0600(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        with atomic_path(tmp_path / "a.txt") as tmp:
+    """In a fresh process whose umask is 027: the output is 0640 like any file open() creates
+    there, not mkstemp's 0600."""
+    script = ("import os, sys; os.umask(0o027); from wsss.io import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp: tmp.write_text('x')\n"
+              "open(sys.argv[2], 'w').close()")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.txt"), str(tmp_path / "plain.txt")], check=True, env=_env())
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o640
+
+
+def test_atomic_writes_never_set_the_process_umask(tmp_path, monkeypatch):
+    """The umask is process-wide: setting it, even to put it back at once, races with any other
+    thread creating a file. It is read once per process; writes never call os.umask."""
+    with atomic_path(tmp_path / "first.txt") as tmp:  # a first write may read it
+        tmp.write_text("x")
+
+    def umask(mask):
+        raise AssertionError(f"os.umask({mask:o}) called during an atomic write")
+
+    monkeypatch.setattr(os, "umask", umask)
+    for n in range(3):
+        with atomic_path(tmp_path / f"{n}.txt") as tmp:
             tmp.write_text("x")
-        plain = tmp_path / "plain.txt"
-        plain.write_text("x")  # what open() gives under the same umask
-    finally:
-        os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "2.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "first.txt").stat().st_mode)
 
 
 def test_failed_block_leaves_neither_the_file_nor_the_temporary(tmp_path):
@@ -91,3 +114,17 @@ def test_irn_cams_are_written_atomically_in_irns_layout(tmp_path, monkeypatch):
         write_irn_cams(path, np.array([0]), np.zeros((1, 3, 5)))
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if is_temp_file(p.name)]
+
+
+def test_sixteen_bit_label_values_are_never_wrapped_into_uint8(tmp_path):
+    """A 16-bit label PNG holding 300 must not become label 44 (300 mod 256), checked or not."""
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.array([[0, 3], [300, 276]], dtype=np.uint16)).save(path)  # 276 mod 256 = 20, a valid class
+    assert Image.open(path).mode.startswith("I")
+    for check_values in (True, False):
+        with pytest.raises(DataError, match=r"\[276, 300\]"):
+            read_label_png(path, check_values=check_values)
+    Image.fromarray(np.array([[0, 3], [255, 21]], dtype=np.uint16)).save(path)
+    assert read_label_png(path, check_values=False).tolist() == [[0, 3], [255, 21]]  # fits in uint8: read as is
+    with pytest.raises(DataError, match=r"\[21\]"):
+        read_label_png(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -23,8 +24,21 @@ from wsss.errors import DataError, OutputError
 MAX_IMAGE_PIXELS = 40_000_000
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it (and put it back at once)
+    """The process umask, read once per process (outputs get 0666 less it).
+
+    Linux reports it in /proc/self/status. Elsewhere the only way to read it is to set it and put
+    it back, which is process-wide and races with other threads creating files: done once, on the
+    first atomic write, never again. A umask changed later in the process is not seen.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
@@ -189,6 +203,11 @@ def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
         bad = np.setdiff1d(np.unique(labels), [*range(NUM_LABELS), IGNORE_INDEX])
         if bad.size:
             raise DataError(f"{path}: label values outside 0..{NUM_LABELS - 1} and {IGNORE_INDEX}: {bad[:10].tolist()}")
+    elif labels.dtype != np.uint8:
+        # 16/32-bit modes: a value that does not fit in uint8 would wrap silently (300 -> 44).
+        bad = np.unique(labels[(labels < 0) | (labels > 255)])
+        if bad.size:
+            raise DataError(f"{path}: label values outside 0..255: {bad[:10].tolist()}")
     return labels.astype(np.uint8)
 
 
