@@ -91,6 +91,21 @@ def test_run_writes_every_stage_and_results(finished_run, toy_root):
     assert results["data_root"] == str(toy_root.resolve())
 
 
+def test_results_carry_the_scores_the_checkpoints_stored(finished_run):
+    """The classifier's val mAP in results.json and the segmenter's val mIoU in its manifest are the
+    best_model_score that ModelCheckpoint stored in each best.ckpt (read here with torch alone)."""
+    def stored_score(path: Path) -> float:
+        callbacks = torch.load(path, map_location="cpu", weights_only=True)["callbacks"]
+        (state,) = [state for key, state in callbacks.items() if key.startswith("ModelCheckpoint")]
+        return float(state["best_model_score"])
+
+    results = json.loads((finished_run / "results.json").read_text())
+    (classifier,) = [row for row in results["rows"] if row["stage"] == "classifier"]
+    assert classifier["value"] is not None and classifier["value"] == stored_score(finished_run / "classifier/best.ckpt")
+    segmenter = json.loads((finished_run / "manifests/segmenter.json").read_text())["results"]
+    assert segmenter["val_mIoU"] is not None and segmenter["val_mIoU"] == stored_score(finished_run / "segmenter/best.ckpt")
+
+
 def test_second_run_skips_everything(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     config = tiny_config(tmp_path / "pipeline.yaml", Path(json.loads((out / "results.json").read_text())["data_root"]), out)

@@ -78,6 +78,23 @@ def test_image_logits_cover_any_image_size(size):
     assert torch.allclose(probs.sum(0), torch.ones(size), atol=1e-5)
 
 
+def test_flip_averages_each_flipped_pass_mirrored_back():
+    """Test-time flip: the probabilities of the mirrored image, mirrored back, averaged with the plain
+    pass, at every scale (a model that is not mirror-symmetric tells a missing mirror-back)."""
+    torch.manual_seed(0)
+    model = SegmenterSystem(weights="none", width=0.0625).eval()
+    model.model.fc8.weight.data.normal_(std=1.0)  # confident, position-dependent outputs
+    image = torch.randn(3, 37, 50)
+    with torch.no_grad():
+        passes = [image_probabilities(model, view, scales=(scale,)) for scale in (0.5, 1.0) for view in (image, image.flip(-1))]
+        passes = [p if n % 2 == 0 else p.flip(-1) for n, p in enumerate(passes)]
+        flipped = image_probabilities(model, image, flip=True)
+        both = image_probabilities(model, image, scales=(0.5, 1.0), flip=True)
+    assert (passes[2] - passes[3]).abs().max() > 0.05, "a mirror-symmetric model could not tell"
+    torch.testing.assert_close(flipped, (passes[2] + passes[3]) / 2)
+    torch.testing.assert_close(both, sum(passes) / 4)
+
+
 @pytest.mark.parametrize("loss_at", ["image", "logits"])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(loss_at):
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Stage 1 through its real CLI on the toy data."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,11 @@ def test_unknown_config_key_lists_valid_ones(toy_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(_train_args(toy_root, tmp_path, "--model.widht", "0.5"))
     assert exit_info.value.code != 0
-    assert "width" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "widht" in err
+    # The usage text also names --model.width: the list of valid keys itself must be there.
+    valid = re.search(r"^valid keys in 'model': (.+)$", err, re.MULTILINE)
+    assert valid is not None and "width" in valid[1].split(", "), err[-2000:]
 
 
 def test_loading_refuses_other_files(tmp_path):
