@@ -183,13 +183,6 @@ def test_decimate_vgg_fc_needs_classifier_keys():
         decimate_vgg_fc({"features.0.weight": torch.zeros(1)})
 
 
-def test_features_only_file_is_refused(tmp_path):
-    state = {k: v for k, v in _fake_vgg_state(NARROW).items() if k.startswith("features.")}
-    torch.save(state, tmp_path / "trunk.pth")
-    with pytest.raises(WeightsError, match="fc6/fc7"):
-        DeepLabLargeFOV(weights=str(tmp_path / "trunk.pth"), width=NARROW)
-
-
 def test_width_mismatch_is_refused(tmp_path):
     torch.save(_fake_vgg_state(0.25), tmp_path / "wide.pth")
     with pytest.raises(WeightsError):
