@@ -2,7 +2,7 @@
 
 1. Pseudo-labels: images/s of the full per-image step (read JPEG + CAM npz, SLIC, voting, atomic
    PNG write) with 1 and 2 workers, and the share of the time spent outside SLIC.
-2. Evaluation: images/s of :func:`wsss.stages.evaluate.evaluate_dirs` on ``--pairs`` mask pairs
+2. Evaluation: images/s of :func:`wsss.stages.evaluate.evaluate_labels` on ``--pairs`` mask pairs
    with 1 and 2 workers, against a straightforward torchmetrics loop (PIL decode +
    ``MulticlassJaccardIndex.update`` per image).
 
@@ -21,10 +21,12 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from wsss.io import read_image, write_label_png, write_npz
+from wsss.formats.cams import read_cams, write_cams
+from wsss.formats.images import read_image
+from wsss.formats.label_png import write_label_png
 from wsss.pseudo import SLIC_DEFAULTS, slic_segments
-from wsss.stages.evaluate import evaluate_dirs
-from wsss.stages.pseudo_labels import PseudoLabelParams, generate_pseudo_labels, load_cams, make_pseudo_label
+from wsss.stages.evaluate import evaluate_labels
+from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_label, make_pseudo_labels
 
 
 def synthetic_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +61,7 @@ def bench_pseudo(tmp: Path, images: int, height: int, width: int, rng: np.random
         image_id = f"img_{k:05d}"
         Image.fromarray(image).save(image_dir / f"{image_id}.jpg", quality=90)
         classes, cams = blurry_cams(mask)
-        write_npz(cam_dir / f"{image_id}.npz", classes=classes, cams=cams)
+        write_cams(cam_dir / f"{image_id}.npz", classes=classes, cams=cams)
         paths[image_id] = image_dir / f"{image_id}.jpg"
 
     # In-process split of the per-image time: SLIC alone vs the whole step.
@@ -69,18 +71,20 @@ def bench_pseudo(tmp: Path, images: int, height: int, width: int, rng: np.random
         make_pseudo_label(path, cam_dir / f"{image_id}.npz", tmp / "single" / f"{image_id}.png")
         total_time += time.perf_counter() - start
         image = read_image(path)
-        load_cams(cam_dir / f"{image_id}.npz")
+        read_cams(cam_dir / f"{image_id}.npz")
         start = time.perf_counter()
         slic_segments(image)
         slic_time += time.perf_counter() - start
 
+    id_list = tmp / "ids.txt"  # tmp is laid out as a VOC root: JPEGImages/ and a list file
+    id_list.write_text("\n".join(paths) + "\n")
     print(f"== pseudo-labels: {images} images {height}x{width}, SLIC {SLIC_DEFAULTS}")
     print(f"per image (1 process): {1000 * total_time / images:.1f} ms, of which SLIC {1000 * slic_time / images:.1f} ms; "
           f"share outside SLIC (decode, CAM load/validation, voting, PNG write): {100 * (1 - slic_time / total_time):.1f} %")
     rates = {}
     for workers in (1, 2):
         params = PseudoLabelParams(overwrite=True)
-        summary = generate_pseudo_labels(paths, cam_dir, tmp / f"out{workers}", params, workers=workers, progress=False)
+        summary = make_pseudo_labels(tmp, cam_dir, tmp / f"out{workers}", split=str(id_list), params=params, workers=workers, progress=False)
         assert summary.written == images and not summary.failed
         rates[workers] = images / summary.seconds
         print(f"workers={workers}: {rates[workers]:.2f} images/s ({summary.seconds:.2f} s incl. Trainer and worker start)")
@@ -106,8 +110,8 @@ def bench_evaluate(tmp: Path, pairs: int, height: int, width: int, rng: np.rando
     timings = {}
     for workers in (1, 2):
         start = time.perf_counter()
-        scores = evaluate_dirs(pred_dir, gt_dir, ids, workers=workers)
-        timings[f"evaluate_dirs workers={workers}"] = time.perf_counter() - start
+        scores = evaluate_labels(pred_dir, gt_dir, ids, workers=workers)
+        timings[f"evaluate_labels workers={workers}"] = time.perf_counter() - start
 
     torch.set_num_threads(1)  # the fair single-process baseline on a shared machine
     metric = MulticlassJaccardIndex(num_classes=21, ignore_index=255, average=None)
@@ -119,7 +123,7 @@ def bench_evaluate(tmp: Path, pairs: int, height: int, width: int, rng: np.rando
     reference = metric.compute().numpy()
     timings["torchmetrics loop (1 process)"] = time.perf_counter() - start
     present = ~np.isnan(scores.iou)
-    assert np.allclose(reference[present], scores.iou[present]), "evaluate_dirs disagrees with torchmetrics"
+    assert np.allclose(reference[present], scores.iou[present]), "evaluate_labels disagrees with torchmetrics"
 
     base_time = timings["torchmetrics loop (1 process)"]
     for name, seconds in timings.items():

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from wsss.stages.segment import SegmenterSystem
+    from wsss.systems.segmenter import SegmenterSystem
 
     device = torch.device(args.device)
     torch.manual_seed(0)

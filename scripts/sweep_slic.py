@@ -22,10 +22,11 @@ from skimage.transform import resize
 from wsss.classes import IGNORE_INDEX, NUM_LABELS
 from wsss.data import resolve_data_root
 from wsss.data.voc import VOCLayout
-from wsss.io import read_image, read_label_png
+from wsss.formats.cams import find_cam_files, read_cams
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
 from wsss.metrics import confusion_matrix, scores_from_confusion
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, cam_seed_labels, slic_segments, superpixel_labels
-from wsss.stages.pseudo_labels import find_cam_file, load_cams
 
 
 def blurry_cams(mask: np.ndarray, blur: float, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,14 +60,14 @@ def main() -> None:
 
     layout = VOCLayout(resolve_data_root(args.data_root))
     ids = layout.read_ids(args.split)
+    cam_files, missing = find_cam_files(Path(args.cams), ids) if args.cams else ({}, [])
+    if missing:
+        raise SystemExit(f"no CAM file for {missing[0]} in {args.cams}")
     data = []
     for image_id in ids:
         image, gt = read_image(layout.image_path(image_id)), read_label_png(layout.mask_path(image_id))
         if args.cams:
-            path = find_cam_file(Path(args.cams), image_id)
-            if path is None:
-                raise SystemExit(f"no CAM file for {image_id} in {args.cams}")
-            cams, classes = load_cams(path)
+            cams, classes = read_cams(cam_files[image_id])
         else:
             cams, classes = blurry_cams(gt, args.blur, args.factor)
         data.append((image, gt, cams, classes))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.io import atomic_path, is_temp_file, remove_stale_temp_files, write_npz
+from wsss.formats.cams import write_cams
+from wsss.io import atomic_path, is_temp_file, remove_stale_temp_files
 
 # A writer that stops inside atomic_path: temp file written, not renamed, until GO appears.
 WRITER = """
@@ -49,7 +50,7 @@ def test_orphans_of_dead_writers_are_swept_and_live_writers_are_left_alone(tmp_p
         assert all(name.startswith((".killed.npz.", ".alive.npz.")) and name.endswith(".tmp.npz") for name in orphans)
 
         # The first write of this process into the folder sweeps the dead writer's file only.
-        write_npz(tmp_path / "mine.npz", x=np.arange(3))
+        write_cams(tmp_path / "mine.npz", classes=np.arange(3), cams=np.zeros((3, 2, 2), np.float16))
         left = temp_files(tmp_path)
         assert len(left) == 1 and left[0].startswith(".alive.npz.")
         (tmp_path / "GO").touch()
@@ -60,7 +61,7 @@ def test_orphans_of_dead_writers_are_swept_and_live_writers_are_left_alone(tmp_p
                 process.kill()
     assert (tmp_path / "alive.npz").read_bytes() == b"half a file"  # its rename was not disturbed
     with np.load(tmp_path / "mine.npz") as data:
-        np.testing.assert_array_equal(data["x"], np.arange(3))
+        np.testing.assert_array_equal(data["classes"], np.arange(3))
     assert temp_files(tmp_path) == []
 
 

@@ -11,10 +11,11 @@ from wsss.cams import compute_cams, fuse_cams, normalize_maps
 from wsss.cli import main as cli
 from wsss.data.transforms import eval_transform, to_tv
 from wsss.data.voc import ImageLabels, VOCLayout
-from wsss.io import read_image
-from wsss.stages.cams import CamSystem
-from wsss.stages.classify import ClassifierSystem, load_classifier
-from wsss.stages.pseudo_labels import load_cams
+from wsss.formats.cams import read_cams
+from wsss.formats.images import read_image
+from wsss.systems.checkpoints import load_classifier
+from wsss.systems.classifier import ClassifierSystem
+from wsss.systems.predictors import CamPredictor
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,8 @@ def test_irn_format_is_read_unchanged_by_irns_code_and_by_ours(toy_root, classif
         assert d["keys"].dtype == np.int64 and cams.dtype == np.float32
         assert cams.shape == (len(keys) - 1, *read_image(layout.image_path(image_id)).shape[:2])
         assert 0 <= cams.min() and cams.max() <= 1
-        ours, classes = load_cams(path)
-        reference, reference_classes = load_cams(npz_dir / f"{image_id}.npz")
+        ours, classes = read_cams(path)
+        reference, reference_classes = read_cams(npz_dir / f"{image_id}.npz")
         np.testing.assert_array_equal(classes, reference_classes)
         np.testing.assert_allclose(ours, reference.astype(np.float32), atol=1e-3)  # npz holds float16
     capsys.readouterr()
@@ -115,7 +116,7 @@ def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, cla
     assert _cams(toy_root, classifier_ckpt, out, "--format", output_format) == 0
     assert "3 CAM files written" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
-    assert load_cams(files[1])[0].ndim == 3
+    assert read_cams(files[1])[0].ndim == 3
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
     assert _cams(toy_root, classifier_ckpt, out, "--format", output_format, "--overwrite") == 0
     assert "written, 0 already" in capsys.readouterr().out
@@ -141,7 +142,7 @@ def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path):
 
 def test_predict_needs_gradients_even_under_inference_mode(classifier_ckpt):
     """Lightning predicts under inference_mode by default; the CAM system must still get maps."""
-    system = CamSystem(load_classifier(classifier_ckpt), ["stage4", "stage5"], [False, False])
+    system = CamPredictor(load_classifier(classifier_ckpt), ["stage4", "stage5"], scaled_layers=[])
     image = torch.randn(3, 48, 64)
     batch = {"id": ["a"], "image": [image], "size": [(48, 64)], "labels": torch.eye(20)[[3]]}
     with torch.inference_mode():

@@ -24,7 +24,9 @@ from test_segment_stage import train_args
 
 from wsss.cli import main as wsss_main
 from wsss.data.voc import VOCLayout
-from wsss.io import is_temp_file, read_image, read_label_png
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
+from wsss.io import is_temp_file
 
 HARNESS = Path(__file__).resolve().parent / "kill_harness.py"
 SEED = 20240611

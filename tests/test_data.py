@@ -13,7 +13,8 @@ from wsss.data.toy import make_toy_voc
 from wsss.data.transforms import fit_transform, to_tv, train_transform
 from wsss.data.voc import ImageLabels, VOCLayout, labels_from_mask, read_id_list
 from wsss.errors import DataError
-from wsss.io import read_image, read_label_png
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
 
 
 def test_layout_accepts_voc2012_vocdevkit_and_parent(toy_root):

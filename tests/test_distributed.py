@@ -31,7 +31,8 @@ from wsss.cli import main as cli
 from wsss.data.modules import UnpaddedDistributedSampler, validation_sampler
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
-from wsss.io import read_label_png, write_npz
+from wsss.formats.cams import write_cams
+from wsss.formats.label_png import read_label_png
 from wsss.metrics import SegmentationMetric, confusion_matrix, scores_from_confusion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_spawning_strategies_are_refused_before_any_work(toy_root, tmp_path, cap
     """ddp_spawn's processes end inside trainer.predict, taking the counts with them."""
     ids = VOCLayout(toy_root).read_ids("train")[:2]
     for image_id in ids:
-        write_npz(tmp_path / "cams" / f"{image_id}.npz", classes=np.zeros(0, np.int64), cams=np.zeros((0, 4, 4), np.float16))
+        write_cams(tmp_path / "cams" / f"{image_id}.npz", classes=np.zeros(0, np.int64), cams=np.zeros((0, 4, 4), np.float16))
     args = ["pseudo-labels", "--data-root", str(toy_root), "--cams", str(tmp_path / "cams"), "--out", str(tmp_path / "out"),
             "--split", str(write_list(tmp_path / "ids.txt", ids)), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"]
     assert cli(args) == 2
@@ -115,13 +116,13 @@ def test_spawning_strategies_are_refused_before_any_work(toy_root, tmp_path, cap
 
 
 # ----------------------------------------------------------------------------- predict stages
-def test_write_npz_gives_the_same_bytes_whenever_it_runs(tmp_path, monkeypatch):
+def test_write_cams_gives_the_same_bytes_whenever_it_runs(tmp_path, monkeypatch):
     """Byte-for-byte comparisons of runs need files without timestamps."""
     arrays = {"classes": np.array([3, 15]), "cams": np.random.default_rng(0).random((2, 5, 7)).astype(np.float16)}
-    write_npz(tmp_path / "now.npz", **arrays)
+    write_cams(tmp_path / "now.npz", **arrays)
     later = time.time() + 400 * 86400
     monkeypatch.setattr(time, "time", lambda: later)
-    write_npz(tmp_path / "later.npz", **arrays)
+    write_cams(tmp_path / "later.npz", **arrays)
     assert (tmp_path / "now.npz").read_bytes() == (tmp_path / "later.npz").read_bytes()
     with zipfile.ZipFile(tmp_path / "later.npz") as archive:
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
@@ -132,7 +133,7 @@ def test_write_npz_gives_the_same_bytes_whenever_it_runs(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def classifier_ckpt(tmp_path_factory) -> Path:
     """A random narrow classifier saved the way train-cls saves it."""
-    from wsss.stages.classify import ClassifierSystem
+    from wsss.systems.classifier import ClassifierSystem
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -181,7 +182,7 @@ def test_pseudo_labels_under_ddp_write_each_file_once_identical_to_one_process(t
     ids = layout.read_ids("train_aug")[:11]
     cams = tmp_path / "cams"
     for image_id in ids[1:]:  # ids[0] has no CAM file (--skip-missing)
-        write_npz(cams / f"{image_id}.npz", **blurred_gt_cams(read_label_png(layout.mask_path(image_id))))
+        write_cams(cams / f"{image_id}.npz", **blurred_gt_cams(read_label_png(layout.mask_path(image_id))))
     broken = cams / f"{ids[4]}.npz"  # a damaged CAM file: reported, not fatal to the others
     broken.write_bytes(broken.read_bytes()[:100])
     good = [i for i in ids if i not in (ids[0], ids[4])]  # 9 images, split 5 / 4 over 2 processes
@@ -205,7 +206,7 @@ def test_pseudo_labels_under_ddp_write_each_file_once_identical_to_one_process(t
 # ----------------------------------------------------------------------------- training stages
 @pytest.mark.slow
 def test_train_seg_under_ddp_validates_every_val_image_once(toy_root, tmp_path):
-    from wsss.stages.evaluate import evaluate_dirs
+    from wsss.stages.evaluate import evaluate_labels
 
     layout = VOCLayout(toy_root)
     val_ids = layout.read_ids("val")[:3]  # odd: a padding sampler would score val_ids[0] twice
@@ -228,7 +229,7 @@ def test_train_seg_under_ddp_validates_every_val_image_once(toy_root, tmp_path):
     predict = ["predict-seg", "--checkpoint", best, "--data-root", toy_root, "--out", tmp_path / "pred", "--split", val_split,
                "--accelerator", "cpu", "--devices", "1", "--num-workers", "0"]
     assert cli(list(map(str, predict))) == 0
-    scores = evaluate_dirs(tmp_path / "pred", layout.mask_dir, val_ids)
+    scores = evaluate_labels(tmp_path / "pred", layout.mask_dir, val_ids)
     assert ddp_miou == pytest.approx(scores.miou, abs=1e-6)
 
     # The test can tell: scoring val_ids[0] twice, as DistributedSampler's padding would, differs.
@@ -244,7 +245,7 @@ def test_train_cls_under_ddp_validates_every_val_image_once(toy_root, tmp_path):
     from wsss.data.datasets import ClassificationDataset
     from wsss.data.transforms import fit_transform
     from wsss.data.voc import ImageLabels
-    from wsss.stages.classify import load_classifier
+    from wsss.systems.checkpoints import load_classifier
 
     layout = VOCLayout(toy_root)
     val_ids = layout.read_ids("val")[:5]  # odd: 3 / 2 over the processes, in batches of 2 and 1

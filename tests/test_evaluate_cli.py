@@ -10,8 +10,10 @@ from PIL import Image
 
 from wsss.cli import main as cli_main
 from wsss.data.voc import VOCLayout
-from wsss.io import read_label_png, write_label_png, write_npz
-from wsss.stages.evaluate import evaluate_cams, evaluate_dirs, parse_thresholds
+from wsss.formats.cams import write_cams
+from wsss.formats.label_png import read_label_png, write_label_png
+from wsss.stages.eval_cams import evaluate_cams, parse_thresholds
+from wsss.stages.evaluate import evaluate_labels
 
 
 def main(argv: list) -> int:
@@ -88,7 +90,7 @@ def test_known_perturbation_matches_hand_count(layout, val_ids, listfile, tmp_pa
     assert [p.name for p in json_path.parent.iterdir()] == ["scores.json"]  # no temp file left
 
     # The Python entry point other stages call gives the same numbers.
-    scores = evaluate_dirs(pred_dir, layout.mask_dir, val_ids)
+    scores = evaluate_labels(pred_dir, layout.mask_dir, val_ids)
     assert scores.miou == pytest.approx(miou, abs=1e-12)
 
 
@@ -141,7 +143,7 @@ def write_step_cams(layout: VOCLayout, ids: list[str], dest: Path) -> Path:
         mask = read_label_png(layout.mask_path(image_id))
         classes = np.array(sorted(set(np.unique(mask).tolist()) - {0, 255}), dtype=np.int64)
         cams = np.stack([np.where(mask == c, 0.5, 0.2) for c in classes]).astype(np.float32)
-        write_npz(dest / f"{image_id}.npz", classes=classes, cams=cams, stage3=np.zeros_like(cams))
+        write_cams(dest / f"{image_id}.npz", classes=classes, cams=cams, stage3=np.zeros_like(cams))
     return dest
 
 
@@ -180,11 +182,11 @@ def test_eval_cams_bad_inputs(layout, val_ids, listfile, tmp_path, capsys, probl
         arrays = dict(data)
     if problem == "nan":
         arrays["cams"][0, 1, 1] = np.inf
-        write_npz(bad, **arrays)
+        write_cams(bad, **arrays)
         expected = [str(bad), "NaN or Inf"]
     elif problem == "shape":
         arrays["cams"] = arrays["cams"][:, 1:, :]
-        write_npz(bad, **arrays)
+        write_cams(bad, **arrays)
         expected = [str(bad), "spatial shape"]
     else:
         bad.unlink()

@@ -27,7 +27,8 @@ from PIL import Image
 
 from wsss.cli import main
 from wsss.data.toy import make_toy_voc
-from wsss.io import read_label_png, write_label_png, write_npz
+from wsss.formats.cams import write_cams
+from wsss.formats.label_png import read_label_png, write_label_png
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 BROKEN = "toy_00001"
@@ -53,8 +54,8 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Random width-0.125 classifier and segmenter, saved the way train-cls / train-seg save them."""
-    from wsss.stages.classify import ClassifierSystem
-    from wsss.stages.segment import SegmenterSystem
+    from wsss.systems.classifier import ClassifierSystem
+    from wsss.systems.segmenter import SegmenterSystem
 
     folder = tmp_path_factory.mktemp("checkpoints")
     paths = {}
@@ -79,7 +80,7 @@ def gt_cams(base, tmp_path_factory) -> Path:
     """A valid CAM file per image: the one-hot maps of its GT mask's classes."""
     folder = tmp_path_factory.mktemp("gt_cams")
     for mask_path in (base / "SegmentationClassAug").glob("*.png"):
-        write_npz(folder / f"{mask_path.stem}.npz", **one_hot_cams(read_label_png(mask_path)))
+        write_cams(folder / f"{mask_path.stem}.npz", **one_hot_cams(read_label_png(mask_path)))
     return folder
 
 
@@ -220,7 +221,7 @@ def test_error_from_a_dataloader_worker_is_the_message_alone(stage, root, checkp
     assert "DataLoader worker" not in text and f"wsss {stage}: error: {image}: file is empty (0 bytes)" in text
 
 
-# Every colour layout PIL reads is converted to RGB once, in wsss.io.read_image; a stage must then
+# Every colour layout PIL reads is converted to RGB once, in wsss.formats.images.read_image; a stage must then
 # give exactly what it gives for the RGB file with the same pixels.
 ODD_MODES = {"toy_00000": "L", "toy_00001": "CMYK", "toy_00004": "RGBA", "toy_00005": "P"}
 
@@ -450,7 +451,7 @@ def _break_cam(cams: Path, problem: str, marker: Path) -> Path:
         classes = classes.astype(np.float32)
     elif problem == "no 'cams' array":
         path.unlink()
-        write_npz(path, classes=classes, maps=maps)
+        np.savez(path, classes=classes, maps=maps)
         return path
     elif problem == "maps 3 rows short":
         maps = maps[:, :-3]
@@ -470,7 +471,7 @@ def _break_cam(cams: Path, problem: str, marker: Path) -> Path:
         np.save(path, np.array(_RunsCode(marker), dtype=object), allow_pickle=True)
         return path
     path.unlink()
-    write_npz(path, classes=classes, cams=maps)
+    write_cams(path, classes=classes, cams=maps)
     return path
 
 
@@ -570,12 +571,12 @@ def writers(checkpoints, gt_cams: Path, root: Path, bad: Path, tmp: Path) -> dic
     masks, train = root / "SegmentationClassAug", root / "ImageSets" / "Segmentation" / "train.txt"
     return {
         "cams --out": (cams_argv(checkpoints, root, bad), "pytorch_lightning.Trainer.predict"),
-        "pseudo-labels --out": (pseudo_argv(root, gt_cams, bad), "wsss.stages.pseudo_labels.generate_pseudo_labels"),
+        "pseudo-labels --out": (pseudo_argv(root, gt_cams, bad), "wsss.stages.pseudo_labels.predict_trainer"),
         "predict-seg --out": (predict_argv(checkpoints, root, bad), "pytorch_lightning.Trainer.predict"),
         "evaluate --json": (["evaluate", "--pred", masks, "--gt", masks, "--list", train, "--json", bad / "scores.json"],
-                            "wsss.stages.evaluate.evaluate_dirs"),
+                            "wsss.stages.evaluate.evaluate_labels"),
         "eval-cams --json": (["eval-cams", "--cams", gt_cams, "--gt", masks, "--list", train, "--json", bad / "scores.json"],
-                             "wsss.stages.evaluate.evaluate_cams"),
+                             "wsss.stages.eval_cams.evaluate_cams"),
         "train-cls --checkpoint.dirpath": (train_cls_argv(root, tmp, "--checkpoint.dirpath", bad), "pytorch_lightning.Trainer.fit"),
         "train-cls logger save_dir": (train_cls_argv(root, tmp, "--trainer.logger.init_args.save_dir", bad), "pytorch_lightning.Trainer.fit"),
         "train-seg --checkpoint.dirpath": (train_seg_argv(root, tmp, "--checkpoint.dirpath", bad), "pytorch_lightning.Trainer.fit"),

@@ -15,7 +15,9 @@ from PIL import Image
 
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError
-from wsss.io import atomic_path, is_temp_file, load_pickled_npy, read_label_png, write_irn_cams
+from wsss.formats.irn import load_pickled_npy, write_irn_cams
+from wsss.formats.label_png import read_label_png
+from wsss.io import atomic_path, is_temp_file
 
 
 def _env() -> dict[str, str]:

@@ -13,8 +13,10 @@ from test_io import save_npy_protocol2
 from wsss.cli import main
 from wsss.data.voc import VOCLayout
 from wsss.errors import DataError
-from wsss.io import read_image, read_label_png, write_npz
-from wsss.stages.pseudo_labels import load_cams, make_pseudo_label
+from wsss.formats.cams import read_cams, write_cams
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
+from wsss.stages.pseudo_labels import make_pseudo_label
 
 
 def gt_cams(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +37,7 @@ def cam_dir(layout, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cams")
     for image_id in layout.read_ids("train_aug"):
         classes, cams = gt_cams(read_label_png(layout.mask_path(image_id)))
-        write_npz(out / f"{image_id}.npz", classes=classes, cams=cams, stage3=np.zeros_like(cams))
+        write_cams(out / f"{image_id}.npz", classes=classes, cams=cams, stage3=np.zeros_like(cams))
     return out
 
 
@@ -102,7 +104,7 @@ def test_irn_npy_gives_the_same_pngs_as_npz(layout, cam_dir, tmp_path):
     npy_dir = tmp_path / "irn"
     npy_dir.mkdir()
     for image_id in ids:
-        cams, classes = load_cams(cam_dir / f"{image_id}.npz")
+        cams, classes = read_cams(cam_dir / f"{image_id}.npz")
         np.save(npy_dir / f"{image_id}.npy", irn_make_cam_dict(classes, cams.astype(np.float32)))
     out_npz, out_npy = tmp_path / "a", tmp_path / "b"
     assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", out_npz, "--split", listfile, "--workers", 1]) == 0
@@ -158,7 +160,7 @@ def test_bad_cam_file_fails_naming_it_and_leaves_nothing_partial(layout, cam_dir
     cams = tmp_path / "cams"
     _copy_cams(layout, cam_dir, cams, ids)
     bad = cams / f"{ids[1]}.npz"
-    good, classes = load_cams(bad)
+    good, classes = read_cams(bad)
     arrays = {"classes": classes[:1], "cams": good[:1].astype(np.float32)}
     if problem == "nan":
         arrays["cams"][0, 0, 0] = np.nan
@@ -176,7 +178,7 @@ def test_bad_cam_file_fails_naming_it_and_leaves_nothing_partial(layout, cam_dir
     if problem == "garbage":
         bad.write_bytes(b"PK\x03\x04 definitely not a zip")
     else:
-        write_npz(bad, **arrays)
+        np.savez(bad, **arrays)
     out = tmp_path / "labels"
     assert run(["--data-root", layout.root, "--cams", cams, "--out", out, "--split", listfile, "--workers", 1]) == 2
     captured = capsys.readouterr()
@@ -197,11 +199,11 @@ def test_irn_make_cam_file_with_torch_tensors_is_read(tmp_path, protocol):
     else:  # NumPy < 1.17, IRN's time: even the tensors' storage bytes go through _codecs.encode
         raw = save_npy_protocol2(path, cams)
         assert b"_codecs" in raw and b"_load_from_bytes" in raw
-    maps, classes = load_cams(path)
+    maps, classes = read_cams(path)
     assert classes.dtype == np.int64 and classes.tolist() == [5, 15]
     assert maps.dtype == np.float32
     np.testing.assert_array_equal(maps, high_res)
-    strided, _ = load_cams(path, key="cam")
+    strided, _ = read_cams(path, key="cam")
     assert isinstance(strided, np.ndarray) and strided.dtype == np.float32
     np.testing.assert_array_equal(strided, cams["cam"].numpy())
 
@@ -209,7 +211,7 @@ def test_irn_make_cam_file_with_torch_tensors_is_read(tmp_path, protocol):
 def test_irn_file_of_an_image_without_classes_in_protocol_2_is_read(tmp_path):
     path = tmp_path / "x.npy"
     save_npy_protocol2(path, irn_make_cam_dict(np.zeros(0, np.int64), np.zeros((0, 7, 9), np.float32)))  # b"" pickles as bytes()
-    maps, classes = load_cams(path)
+    maps, classes = read_cams(path)
     assert maps.shape == (0, 7, 9) and classes.shape == (0,)
 
 
@@ -257,10 +259,10 @@ def test_irn_file_with_background_channel_is_refused(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, {"keys": np.array([4]), "high_res": np.zeros((2, 5, 5), np.float32)})
     with pytest.raises(DataError, match="background channel"):
-        load_cams(path)
+        read_cams(path)
     np.save(path, {"keys": np.array([20]), "high_res": np.zeros((1, 5, 5), np.float32)})
     with pytest.raises(DataError, match="0-based"):
-        load_cams(path)
+        read_cams(path)
 
 
 def test_crash_while_writing_leaves_no_partial_file(layout, cam_dir, tmp_path, monkeypatch):
@@ -289,13 +291,13 @@ def test_plus_key_fuses_saved_layers_by_elementwise_maximum(tmp_path):
     stage4 = np.array([[[0.1, 0.9], [0.5, 0.0]], [[1.0, 0.2], [0.3, 0.3]]], dtype=np.float16)
     stage5 = np.array([[[0.4, 0.2], [0.5, 1.0]], [[0.0, 0.6], [0.7, 0.1]]], dtype=np.float16)
     path = tmp_path / "a.npz"
-    write_npz(path, classes=classes, cams=np.ones_like(stage4), stage4=stage4, stage5=stage5)
-    fused, got_classes = load_cams(path, key="stage4+stage5")
+    write_cams(path, classes=classes, cams=np.ones_like(stage4), stage4=stage4, stage5=stage5)
+    fused, got_classes = read_cams(path, key="stage4+stage5")
     expected = np.array([[[0.4, 0.9], [0.5, 1.0]], [[1.0, 0.6], [0.7, 0.3]]], dtype=np.float16)  # by hand
     np.testing.assert_array_equal(fused, expected)
     np.testing.assert_array_equal(got_classes, classes)
     with pytest.raises(DataError, match=r"missing arrays \['stage3'\]"):
-        load_cams(path, key="stage3+stage5")
-    write_npz(path, classes=classes, stage4=stage4, stage5=stage5[:, :1])
+        read_cams(path, key="stage3+stage5")
+    np.savez(path, classes=classes, stage4=stage4, stage5=stage5[:, :1])
     with pytest.raises(DataError, match="differ in shape"):
-        load_cams(path, key="stage4+stage5")
+        read_cams(path, key="stage4+stage5")

@@ -10,7 +10,8 @@ from PIL import Image
 
 from wsss.cli import main as cli_main
 from wsss.data.voc import VOCLayout
-from wsss.io import read_image, read_label_png
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
 from wsss.report import DEFAULT_TILE, HEADER_HEIGHT, MARGIN, NUM_COLUMNS, jet, sheet_size
 
 

@@ -21,7 +21,8 @@ from test_train_cls import _train_args as cls_train_args
 from wsss.cli import main as wsss_main
 from wsss.data.voc import VOCLayout
 from wsss.errors import DataError
-from wsss.io import load_pickled_npy, read_image
+from wsss.formats.images import read_image
+from wsss.formats.irn import load_pickled_npy
 
 
 class CreatesMarker:
@@ -89,7 +90,7 @@ def command_with_crafted_file(case: str, toy_root: Path, tmp: Path, marker: Path
     evil_labels = craft_npy(tmp / "cls_labels.npy", marker, protocol=protocol, **{i: np.eye(20, dtype=np.float32)[0] for i in train_ids})
     command, option = case.removesuffix(" protocol 2").split(" ", 1)
     if command == "cams":
-        from wsss.stages.classify import ClassifierSystem
+        from wsss.systems.classifier import ClassifierSystem
 
         system = ClassifierSystem(weights="none", width=0.125)
         torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, tmp / "classifier.ckpt")

@@ -10,8 +10,9 @@ import torch
 
 from wsss.cli import main as wsss_main
 from wsss.data.voc import VOCLayout
-from wsss.io import read_label_png, write_label_png
-from wsss.stages.segment import SegmenterSystem, aligned_size, crf_available, image_logits, image_probabilities, nearest_labels
+from wsss.formats.label_png import read_label_png, write_label_png
+from wsss.segmentation import aligned_size, crf_available, image_logits, image_probabilities, nearest_labels
+from wsss.systems.segmenter import SegmenterSystem
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "configs" / "toy" / "segmenter.yaml"
@@ -171,7 +172,7 @@ def classifier_checkpoint(tmp_path) -> Path:
     """A Lightning-format checkpoint of the stage-1 classifier (random weights)."""
     import pytorch_lightning as pl
 
-    from wsss.stages.classify import ClassifierSystem
+    from wsss.systems.classifier import ClassifierSystem
 
     system = ClassifierSystem(weights="none", width=0.125)
     path = tmp_path / "classifier.ckpt"
@@ -213,7 +214,7 @@ def test_evaluator_matches_the_validation_loop(trained, toy_root, tmp_path):
     import pytorch_lightning as pl
 
     from wsss.data.modules import SegmentationDataModule
-    from wsss.stages.evaluate import evaluate_dirs
+    from wsss.stages.evaluate import evaluate_labels
 
     # Sharpen the trained head so predictions vary across pixels and classes (a 2-step model
     # predicts nearly all background, which would make the comparison trivial).
@@ -232,7 +233,7 @@ def test_evaluator_matches_the_validation_loop(trained, toy_root, tmp_path):
     out = tmp_path / "pred"
     assert wsss_main(predict_args(path, toy_root, out, "--split", split)) == 0
     layout = VOCLayout(toy_root)
-    scores = evaluate_dirs(out, layout.mask_dir, layout.read_ids(split))
+    scores = evaluate_labels(out, layout.mask_dir, layout.read_ids(split))
     assert scores.confusion.sum(axis=0).astype(bool).sum() > 2, "predictions should use several classes"
     assert scores.miou == pytest.approx(validation_miou, abs=1e-6)
 
@@ -254,7 +255,7 @@ def test_dense_crf_snaps_a_blurry_boundary_to_the_colour_edge():
     """With pydensecrf installed (`pip install -e ".[crf]"`), the CRF moves a soft, misplaced
     boundary onto the image's colour edge; skipped where the optional extra is absent."""
     pytest.importorskip("pydensecrf.densecrf")
-    from wsss.stages.segment import dense_crf
+    from wsss.segmentation import dense_crf
 
     height, width = 40, 60
     image = np.zeros((height, width, 3), np.uint8)

@@ -44,3 +44,23 @@ def parallel_imap(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> Ite
         return
     with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
         yield from pool.imap_unordered(fn, tasks)
+
+
+def sum_in_chunks(fn: Callable[[list[T]], tuple[int, R]], items: Sequence[T], workers: int, chunk_size: int, desc: str = "",
+                  progress: bool = False) -> R:
+    """The sum of ``fn(chunk)[1]`` over chunks of ``items``, computed in ``workers`` processes.
+
+    ``fn`` (a module-level function, or a ``functools.partial`` of one) returns how many items it
+    did and an array of counts to add up (confusion matrices): counts are summed before anything is
+    divided. Chunks are big enough to amortise the round trip, and many enough to keep every worker
+    busy. ``progress`` shows a bar named ``desc``.
+    """
+    from tqdm import tqdm
+
+    size = max(1, min(chunk_size, -(-len(items) // (4 * max(1, workers)))))
+    total = None
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+        for done, counts in parallel_imap(fn, chunked(items, size), workers):
+            total = counts if total is None else total + counts
+            bar.update(done)
+    return total

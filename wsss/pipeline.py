@@ -12,6 +12,7 @@ forced (``--from``/``--force``), starts from an empty output folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,7 +22,6 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,42 +324,44 @@ class Pipeline:
     def check_training_options(self) -> None:
         """Parse both training stages' options now: a misspelt key in the segmenter section must
         not wait for the classifier, CAM and pseudo-label stages to finish before it is reported."""
-        from wsss.stages import classify, segment
+        from wsss.stages.train_classifier import check_classifier_config
+        from wsss.stages.train_segmenter import check_segmenter_config
 
-        for section, entry, argv in (("classifier", classify.main, self.classifier_argv()), ("segmenter", segment.main, self.segmenter_argv())):
+        for section, check, argv in (("classifier", check_classifier_config, self.classifier_argv()),
+                                     ("segmenter", check_segmenter_config, self.segmenter_argv())):
             try:
-                _call_stage_main(functools.partial(entry, parse_only=True), argv)
+                check(argv)
             except ConfigError as exc:
                 raise ConfigError(f"'{section}' section: {exc}") from None
 
     def run_classifier(self) -> dict[str, Any]:
-        from wsss.stages import classify
+        from wsss.stages.train_classifier import train_classifier
 
-        _call_stage_main(classify.main, [*self.classifier_argv(), *resume_argv(self.out / "classifier")])
+        train_classifier([*self.classifier_argv(), *resume_argv(self.out / "classifier")])
         best = self.out / "classifier" / "best.ckpt"
         if not best.is_file():
             raise DataError(f"train-cls finished without writing {best} (did validation run? check trainer options)")
         return {"counts": {"checkpoints": 2}, "results": {"val_mAP": checkpoint_score(best)}}
 
     def run_cams(self) -> dict[str, Any]:
-        from wsss.stages.cams import run_cams
+        from wsss.stages.cams import make_cams
 
         c = self.config["cams"]
         counts = {}
         for name, variant in self.cam_variants().items():
             print(f"  cams/{name}: {variant['method']} at {','.join(variant['layers'])}", flush=True)
-            result = run_cams(
-                self.out / "classifier" / "best.ckpt", self.data_root, self.out / "cams" / name, self.config["cam_split"],
+            result = make_cams(
+                self.out / "classifier" / "best.ckpt", self.data_root, self.out / "cams" / name, split=self.config["cam_split"],
                 labels=c["labels"], method=variant["method"], layers=variant["layers"], scaled_layers=variant["scaled_layers"],
                 gamma=float(c["gamma"]), scales=tuple(float(s) for s in c["scales"]), flip=bool(c["flip"]),
                 batch_size=int(c["batch_size"]), num_workers=int(c["num_workers"]), save_layers=variant["save_layers"],
                 overwrite=False, accelerator=str(c["accelerator"]), devices=c["devices"], progress=False,
             )
-            counts[name] = result
+            counts[name] = dataclasses.asdict(result)
         return {"counts": counts}
 
     def run_eval_cams(self) -> dict[str, Any]:
-        from wsss.stages.evaluate import best_threshold, evaluate_cams, parse_thresholds
+        from wsss.stages.eval_cams import best_threshold, evaluate_cams, parse_thresholds
 
         c = self.config["eval_cams"]
         thresholds = parse_thresholds(str(c["thresholds"]))
@@ -375,40 +377,36 @@ class Pipeline:
         return {"counts": {"images": len(ids)}, "results": rows}
 
     def run_pseudo(self) -> dict[str, Any]:
-        from wsss.stages.pseudo_labels import PseudoLabelParams, generate_pseudo_labels
+        from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_labels
 
         c = self.config["pseudo"]
         slic = {k: c[k] for k in ("n_segments", "compactness", "sigma") if c[k] is not None}
-        ids = self.ids(self.config["cam_split"])
-        images = {i: self.layout.image_path(i) for i in ids}
         counts = {}
         for name in self.pseudo_variants():
             params = PseudoLabelParams(threshold=float(c["threshold"]), slic=slic)
-            summary = generate_pseudo_labels(images, self.out / "cams" / name, self.out / "pseudo" / name, params,
-                                             workers=int(c["workers"]), progress=False)
+            summary = make_pseudo_labels(self.data_root, self.out / "cams" / name, self.out / "pseudo" / name, split=self.config["cam_split"],
+                                         params=params, workers=int(c["workers"]), progress=False)
             print(f"  pseudo/{name}: {summary.line()}")
-            if summary.failed:
-                raise DataError(f"{len(summary.failed)} pseudo-labels failed from {self.out / 'cams' / name}: "
-                                + "; ".join(list(summary.failed.values())[:3]))
+            summary.raise_for_failures()
             counts[name] = {"written": summary.written, "skipped": summary.skipped_existing}
         return {"counts": counts}
 
     def run_eval_pseudo(self) -> dict[str, Any]:
-        from wsss.stages.evaluate import evaluate_dirs
+        from wsss.stages.evaluate import evaluate_labels
 
         ids = self.ids(self.config["eval_split"])
         rows = {}
         for row, folder in PSEUDO_ROWS:
             if folder in self.pseudo_variants():
-                scores = evaluate_dirs(self.out / "pseudo" / folder, self.gt_dir, ids)
+                scores = evaluate_labels(self.out / "pseudo" / folder, self.gt_dir, ids)
                 rows[row] = {"miou": float(scores.miou)}
                 print(f"  {row}: pseudo-label mIoU {100 * scores.miou:.1f}")
         return {"counts": {"images": len(ids)}, "results": rows}
 
     def run_segmenter(self) -> dict[str, Any]:
-        from wsss.stages import segment
+        from wsss.stages.train_segmenter import train_segmenter
 
-        _call_stage_main(segment.main, [*self.segmenter_argv(), *resume_argv(self.out / "segmenter")])
+        train_segmenter([*self.segmenter_argv(), *resume_argv(self.out / "segmenter")])
         best = self.out / "segmenter" / "best.ckpt"
         return {"counts": {"checkpoints": 2 if best.is_file() else 1},
                 "results": {"val_mIoU": checkpoint_score(best) if best.is_file() else None}}
@@ -418,27 +416,23 @@ class Pipeline:
         return best if best.is_file() else self.out / "segmenter" / "last.ckpt"
 
     def run_predict(self) -> dict[str, Any]:
-        from wsss.stages import segment
+        from wsss.stages.predict import predict_segmentation
 
         c = self.config["predict"]
         counts = {}
         for split in self.prediction_splits():
-            argv = ["--checkpoint", str(self.segmenter_checkpoint()), "--data-root", str(self.data_root),
-                    "--out", str(self.out / "predictions" / split), "--split", split,
-                    "--scales", ",".join(str(float(s)) for s in c["scales"]), "--batch-size", str(c["batch_size"]),
-                    "--num-workers", str(c["num_workers"]), "--accelerator", str(c["accelerator"]), "--devices", "1"]
-            if c["flip"]:
-                argv.append("--flip")
-            _call_stage_main(segment.predict_main, argv)
+            predict_segmentation(self.segmenter_checkpoint(), self.data_root, self.out / "predictions" / split, split=split,
+                                 scales=tuple(float(s) for s in c["scales"]), flip=bool(c["flip"]), batch_size=int(c["batch_size"]),
+                                 num_workers=int(c["num_workers"]), accelerator=str(c["accelerator"]), devices=1, progress=False)
             counts[split] = len(self.ids(split))
         return {"counts": counts}
 
     def run_evaluate(self) -> dict[str, Any]:
-        from wsss.stages.evaluate import evaluate_dirs
+        from wsss.stages.evaluate import evaluate_labels
 
         rows = {}
         for split in self.prediction_splits():
-            scores = evaluate_dirs(self.out / "predictions" / split, self.gt_dir, self.ids(split))
+            scores = evaluate_labels(self.out / "predictions" / split, self.gt_dir, self.ids(split))
             rows[split] = {"miou": float(scores.miou), "pixel_accuracy": float(scores.pixel_accuracy)}
         results = build_results(self, rows)
         write_json(self.out / "results.json", results)
@@ -447,12 +441,9 @@ class Pipeline:
 
 def checkpoint_score(path: Path) -> float | None:
     """The ModelCheckpoint ``best_model_score`` stored in a Lightning checkpoint (val mAP / val mIoU)."""
-    from wsss.lightning import read_checkpoint
+    from wsss.systems.checkpoints import checkpoint_score as stored_score
 
-    for key, state in (read_checkpoint(path).get("callbacks") or {}).items():
-        if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("best_model_score") is not None:
-            return float(state["best_model_score"])
-    return None
+    return stored_score(path)
 
 
 def resume_argv(checkpoint_dir: Path) -> list[str]:
@@ -463,18 +454,6 @@ def resume_argv(checkpoint_dir: Path) -> list[str]:
     """
     last = checkpoint_dir / "last.ckpt"
     return ["--ckpt_path", str(last)] if last.is_file() else []
-
-
-def _call_stage_main(entry: Callable[[list[str]], int], argv: list[str]) -> None:
-    """Run a stage's CLI entry in-process; argparse/jsonargparse exits become ConfigError."""
-    try:
-        code = entry(argv)
-    except SystemExit as exc:  # a rejected option: the parser already printed why
-        code = exc.code
-        if code not in (0, None):
-            raise ConfigError(f"options rejected: {' '.join(argv)}") from None
-    if code not in (0, None):
-        raise WsssError(f"exit code {code}")
 
 
 def _fmt(value: Any, percent: bool = True) -> str:

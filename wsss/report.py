@@ -28,7 +28,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, voc_colormap
 from wsss.errors import ConfigError, DataError
-from wsss.io import atomic_path, read_image, read_label_png
+from wsss.formats.cams import read_cams
+from wsss.formats.images import read_image
+from wsss.formats.label_png import read_label_png
+from wsss.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -239,18 +242,13 @@ def _open_run(out_dir: str | Path, data_root: str | Path | None, prediction_spli
     return RunFiles(out_dir, layout, dirs)
 
 
-def _load_cam(path: Path, key: str) -> tuple[np.ndarray, str]:
-    """(map of the first class, its name) from one CAM npz; raises when absent."""
-    with np.load(path) as data:
-        if key not in data.files:
-            raise KeyError(f"no {key}")
-        classes = np.asarray(data["classes"]).reshape(-1)
-        if classes.size == 0:
-            raise KeyError("no classes")
-        maps = np.asarray(data[key][0], dtype=np.float32)
-    value = int(classes[0])
-    name = LABEL_NAMES[value] if 0 <= value < len(LABEL_NAMES) else f"class {value}"
-    return maps, name
+def _first_class_map(path: Path, key: str) -> tuple[np.ndarray, str]:
+    """(map of the first class, its name) from one CAM file, read and validated by
+    :func:`wsss.formats.cams.read_cams`; raises when it has no class."""
+    cams, classes = read_cams(path, key)
+    if not len(classes):
+        raise KeyError("no classes")
+    return cams[0].astype(np.float32), LABEL_NAMES[int(classes[0])]
 
 
 def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list[Image.Image]:
@@ -276,7 +274,7 @@ def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list
             if path is None or not path.is_file():
                 raise FileNotFoundError("no data root" if source in ("gt", "image") and path is None else "missing")
             if key is not None:
-                cam, name = _load_cam(path, key)
+                cam, name = _first_class_map(path, key)
                 cam = _resize_to(cam, size, nearest=False) if size else cam
                 tiles.append(fit_tile(cam_overlay(image, cam), tile, f"{title}: {name}"))
             else:

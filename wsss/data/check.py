@@ -10,7 +10,8 @@ from tqdm import tqdm
 from wsss.data import resolve_data_root
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError, WsssError
-from wsss.io import check_mask_size, read_image, read_label_png
+from wsss.formats.images import read_image
+from wsss.formats.label_png import check_mask_size, read_label_png
 
 
 def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:

@@ -9,7 +9,8 @@ from torch.utils.data import Dataset
 
 from wsss.data.transforms import to_tv
 from wsss.data.voc import ImageLabels, VOCLayout
-from wsss.io import check_mask_size, read_image, read_label_png
+from wsss.formats.images import read_image
+from wsss.formats.label_png import check_mask_size, read_label_png
 
 
 class ClassificationDataset(Dataset):

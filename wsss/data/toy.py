@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from wsss.classes import CLASS_NAMES, IGNORE_INDEX
-from wsss.io import atomic_path, write_label_png
+from wsss.formats.label_png import write_label_png
+from wsss.io import atomic_path
 
 # label value -> (hue in degrees, texture)
 TOY_CLASSES: dict[int, tuple[float, str]] = {

@@ -22,6 +22,9 @@ import numpy as np
 
 from wsss.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from wsss.errors import DataError, name_some
+from wsss.formats.images import image_size
+from wsss.formats.irn import read_label_table
+from wsss.formats.label_png import check_mask_size, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +184,8 @@ class ImageLabels:
             self.kind, self.description = "masks", f"classes present in the masks of {layout.mask_dir}"
         else:
             self.kind, self.description = "table", f"label table {text}"
-            self._table = self._load_table(Path(text))
+            self._table = read_label_table(text)
         log.info("image-level labels from %s", self.description)
-
-    @staticmethod
-    def _load_table(path: Path) -> dict:
-        from wsss.io import load_pickled_npy
-
-        table = load_pickled_npy(path)
-        if not isinstance(table, dict):
-            raise DataError(f"{path}: expected an IRN-style cls_labels.npy holding a dict id -> float[20]")
-        return table
 
     def path_of(self, image_id: str) -> Path | None:
         """File the labels of ``image_id`` are read from (None for a table)."""
@@ -223,13 +217,10 @@ class ImageLabels:
             return row
         if self.kind == "annotations":
             return labels_from_annotation(self.path_of(image_id))
-        from wsss.io import check_mask_size, image_info, read_label_png
-
         mask_path = self.path_of(image_id)
         mask = read_label_png(mask_path)
         # The classes of another image's mask would be silently wrong labels: compare sizes
         # (the image's header only, no decoding).
         image_path = self.layout.image_path(image_id)
-        info = image_info(image_path)
-        check_mask_size(mask_path, mask.shape, image_path, (info.height, info.width))
+        check_mask_size(mask_path, mask.shape, image_path, image_size(image_path))
         return labels_from_mask(mask)

@@ -23,7 +23,7 @@ from torch import nn
 
 from wsss.classes import NUM_LABELS
 from wsss.errors import WeightsError
-from wsss.io import load_torch_file
+from wsss.formats.torch_files import load_torch_file
 from wsss.models.vgg import freeze_stages, load_trunk_weights, load_vgg16_state_dict, scaled_channels, vgg16_features
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from wsss.errors import ConfigError, WeightsError
-from wsss.io import load_torch_file
+from wsss.formats.torch_files import load_torch_file
 
 # Channels of the five VGG16 blocks at width 1.0; the number of 3x3 convs in each.
 VGG16_BLOCK_CHANNELS = (64, 128, 256, 512, 512)

@@ -1,0 +1,208 @@
+"""CAM files, one per image: written by ``wsss cams``, read by ``pseudo-labels``, ``eval-cams`` and the report.
+
+Two layouts, looked up as ``CAMDIR/<id>.npz`` first, then ``CAMDIR/<id>.npy``:
+
+- ``.npz`` (ours): ``classes`` (K,) integers, the VOC label values 1..20, and ``cams`` (K, H, W)
+  floating point in [0, 1] at the image size (``wsss cams`` writes float16, fused across layers).
+  With ``--save-layers`` also one normalised (K, H, W) map per layer, stored under the layer's name
+  (``stage3``, ...); any of them can be read instead of ``cams`` (``key``), and ``stage4+stage5``
+  reads the element-wise maximum of those saved layers.
+- ``.npy`` (IRN's ``make_cam.py``, or ``wsss cams --format irn``): a pickled dict with ``keys`` (K,)
+  the *0-based foreground* class indices (label value - 1, no background entry) and ``high_res``
+  (K, H, W) maps in [0, 1] at the image size; ``cam`` is used when ``high_res`` is absent, and must
+  then be at the image size too (IRN's own ``cam`` is at stride 4, so it is refused as the wrong
+  size by the stages). Files whose maps carry a background channel (K + 1 maps, as IRN's
+  evaluation pads them in memory) are refused. Decoding is :mod:`wsss.formats.irn`'s.
+
+Every read validates (shape, dtype, finite, [0, 1], classes 1..20 and distinct) and raises a
+DataError naming the file: a bad file is never a silently wrong label.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsss.classes import NUM_CLASSES
+from wsss.errors import DataError
+from wsss.formats import irn
+from wsss.io import atomic_path
+
+NPZ_KEYS = ("classes", "cams")  # what a complete .npz holds
+SUFFIX_OF_FORMAT = {"npz": ".npz", "irn": ".npy"}  # ``wsss cams --format`` -> file suffix
+SUFFIXES = tuple(SUFFIX_OF_FORMAT.values())  # lookup order: .npz wins
+FUSE_SEPARATOR = "+"  # ``key="stage4+stage5"``: the element-wise maximum of saved per-layer maps
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_cams(path: str | Path, classes: np.ndarray, cams: np.ndarray, **layer_maps: np.ndarray) -> None:
+    """Write one image's ``.npz``, atomically: ``classes`` (K,) label values 1..20, ``cams`` (K, H, W),
+    and optional per-layer maps named after their layer (arrays are stored as given).
+
+    Deterministic, so runs can be compared file by file: ``np.savez`` writes each entry through
+    ``ZipFile.open(name, "w")``, which stamps the fixed date 1980-01-01, never the current time.
+    """
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, classes=classes, cams=cams, **layer_maps)
+
+
+def write_cam_file(path: Path, classes: np.ndarray, cams: np.ndarray, layer_maps: dict[str, np.ndarray] | None = None) -> None:
+    """One image's maps in the layout ``path``'s suffix names: ``.npz`` (``cams`` stored as float16,
+    with ``layer_maps``) or IRN's ``.npy`` (float32, 0-based keys, no room for per-layer maps)."""
+    if path.suffix == SUFFIX_OF_FORMAT["irn"]:
+        irn.write_irn_cams(path, classes - 1, cams)
+    else:
+        write_cams(path, classes, cams.astype(np.float16), **(layer_maps or {}))
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+def cam_path(cam_dir: Path, image_id: str, output_format: str = "npz") -> Path:
+    """Where ``wsss cams --format output_format`` writes the maps of ``image_id``."""
+    return cam_dir / f"{image_id}{SUFFIX_OF_FORMAT[output_format]}"
+
+
+def find_cam_files(cam_dir: Path, ids: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+    """The CAM file of every id (``<id>.npz``, else ``<id>.npy``) and the ids that have none, so all
+    of them can be reported at once."""
+    if not cam_dir.is_dir():
+        raise DataError(f"CAM directory not found: {cam_dir}")
+    present = {entry.name for entry in os.scandir(cam_dir)}  # one listdir, not two stats per id
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for image_id in ids:
+        name = next((f"{image_id}{suffix}" for suffix in SUFFIXES if f"{image_id}{suffix}" in present), None)
+        if name is None:
+            missing.append(image_id)
+        else:
+            found[image_id] = cam_dir / name
+    return found, missing
+
+
+def list_cam_ids(cam_dir: Path) -> list[str]:
+    """Sorted ids of the CAM files in ``cam_dir`` (hidden files, such as a writer's temporary file, are
+    never outputs)."""
+    if not cam_dir.is_dir():
+        raise DataError(f"CAM directory not found: {cam_dir}")
+    return sorted({entry.name.rsplit(".", 1)[0] for entry in os.scandir(cam_dir)
+                   if entry.name.endswith(SUFFIXES) and not entry.name.startswith(".")})
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` is a complete CAM file of its suffix's layout (the test for "already done"
+    when ``wsss cams`` resumes); its values are not checked."""
+    if path.suffix == SUFFIX_OF_FORMAT["irn"]:
+        return irn.is_complete_irn_cams(path)
+    try:
+        with np.load(path) as data:
+            return all(key in data.files for key in NPZ_KEYS)
+    except Exception:  # missing, truncated, not a zip: not done
+        return False
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _check_maps(path: Path, name: str, maps: Any, classes: np.ndarray) -> np.ndarray:
+    if not isinstance(maps, np.ndarray):
+        raise DataError(f"{path}: '{name}' must be a NumPy array, got {type(maps).__name__}")
+    if maps.ndim != 3:
+        raise DataError(f"{path}: '{name}' must have shape (K, H, W), got {maps.shape}")
+    if maps.dtype.kind != "f":
+        raise DataError(f"{path}: '{name}' must be floating point, got dtype {maps.dtype}")
+    if maps.shape[0] != len(classes):
+        raise DataError(f"{path}: '{name}' holds {maps.shape[0]} maps for {len(classes)} classes")
+    if maps.size:
+        if not np.isfinite(maps).all():
+            raise DataError(f"{path}: '{name}' contains NaN or Inf")
+        low, high = float(maps.min()), float(maps.max())
+        if low < 0.0 or high > 1.0:
+            raise DataError(f"{path}: '{name}' must lie in [0, 1], found values in [{low:g}, {high:g}]")
+    return maps
+
+
+def _check_classes(path: Path, name: str, values: Any, offset: int) -> np.ndarray:
+    """Label values (1..20) from ``values``; ``offset`` is 1 for IRN's 0-based keys."""
+    classes = np.asarray(values)
+    if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "iu"):
+        raise DataError(f"{path}: '{name}' must be a 1-D integer array, got shape {classes.shape} dtype {classes.dtype}")
+    classes = classes.astype(np.int64) + offset
+    allowed = f"0..{NUM_CLASSES - 1} (0-based, no background)" if offset else f"1..{NUM_CLASSES}"
+    if classes.size and (classes.min() < 1 or classes.max() > NUM_CLASSES):
+        raise DataError(f"{path}: '{name}' values must be in {allowed}, got {(classes - offset).tolist()}")
+    if len(np.unique(classes)) != len(classes):
+        raise DataError(f"{path}: '{name}' has repeated classes {(classes - offset).tolist()}")
+    return classes
+
+
+def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    name = key or "cams"
+    parts = name.split(FUSE_SEPARATOR)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            absent = [k for k in ("classes", *parts) if k not in data.files]
+            if absent:
+                raise DataError(f"{path}: missing arrays {absent} (has {sorted(data.files)})")
+            raw_classes, part_maps = data["classes"], [data[part] for part in parts]
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # zip/pickle/format errors: the file is damaged or not an npz
+        raise DataError(f"{path}: cannot read CAM file ({type(exc).__name__}: {exc})") from None
+    classes = _check_classes(path, "classes", raw_classes, offset=0)
+    if len(parts) == 1:
+        return part_maps[0], classes, name
+    # "stage4+stage5": eq. 9's fusion of those layers without tanh scaling (they are stored
+    # normalised at the image size), i.e. their element-wise maximum.
+    checked = [_check_maps(path, part, maps, classes) for part, maps in zip(parts, part_maps)]
+    if len({maps.shape for maps in checked}) > 1:
+        raise DataError(f"{path}: arrays {parts} differ in shape ({[maps.shape for maps in checked]}); they cannot be fused")
+    return np.maximum.reduce(checked), classes, name
+
+
+def _read_irn(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    data = irn.read_irn_cam_dict(path)
+    name = key or ("cam" if "high_res" not in data and "cam" in data else "high_res")
+    absent = [k for k in ("keys", name) if k not in data]
+    if absent:
+        raise DataError(f"{path}: missing entries {absent} (has {sorted(map(str, data))})")
+    maps = data[name]
+    classes = _check_classes(path, "keys", data["keys"], offset=1)
+    if isinstance(maps, np.ndarray) and maps.ndim == 3 and maps.shape[0] == len(classes) + 1:
+        raise DataError(
+            f"{path}: '{name}' has {maps.shape[0]} maps for {len(classes)} keys; a background channel "
+            "is not accepted: store only the foreground maps with 0-based keys"
+        )
+    return maps, classes, name
+
+
+def read_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate one CAM file of either layout (see the module docstring).
+
+    Args:
+        path: ``<id>.npz`` or IRN-style ``<id>.npy``.
+        key: array holding the maps; default ``cams`` (npz) or ``high_res``/``cam`` (npy). A
+            per-layer array (e.g. ``stage3``) must have the same (K, H, W) layout in [0, 1];
+            ``stage4+stage5`` fuses saved per-layer arrays by element-wise maximum (npz only).
+
+    Returns:
+        ``(cams, classes)``: (K, H, W) float maps in [0, 1] and the (K,) int64 label values 1..20.
+
+    Raises:
+        DataError naming the file: unreadable, missing keys, wrong dtype/shape, NaN/Inf, out of range.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        maps, classes, name = _read_npz(path, key)
+    elif path.suffix == ".npy":
+        maps, classes, name = _read_irn(path, key)
+    else:
+        raise DataError(f"{path}: CAM files must be .npz or .npy")
+    return _check_maps(path, name, maps, classes), classes

@@ -1,0 +1,152 @@
+"""Evaluation of CAMs: ``wsss eval-cams`` (CAM seeds against GT masks over a background-threshold sweep).
+
+The seed of a pixel is argmax over [background = threshold, the image's class maps]
+(:func:`wsss.pseudo.seed_labels_from_best`); one confusion matrix per threshold is summed over the
+split with :func:`wsss.metrics.confusion_matrix` (SPEC "Evaluation"). GT 255 is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
+from wsss.data.voc import read_id_list
+from wsss.errors import ConfigError, DataError, name_some
+from wsss.formats.cams import find_cam_files, list_cam_ids, read_cams
+from wsss.formats.label_png import missing_label_pngs, read_label_png
+from wsss.io import ensure_output_file, write_json
+from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
+from wsss.parallel import sum_in_chunks
+from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
+from wsss.stages import options
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``start:stop:step`` (stop included) or ``a,b,c``; 0.3 is always added. Sorted, rounded to 1e-6."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(np.floor((stop - start) / step + 1e-6)) + 1
+            values = [start + i * step for i in range(count)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--thresholds must be START:STOP:STEP (STEP > 0) or a comma list, got {text!r}") from None
+    if not values or not all(np.isfinite(values)):
+        raise ConfigError(f"--thresholds must be finite numbers, got {text!r}")
+    return sorted({round(v, 6) for v in [*values, DEFAULT_THRESHOLD]})
+
+
+def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key: str | None) -> tuple[int, np.ndarray]:
+    """(T, 21, 21) summed confusion of a chunk of (CAM file, GT mask) pairs, one per threshold."""
+    total = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    for cam_path, gt_path in pairs:
+        cams, classes = read_cams(cam_path, key)
+        gt = read_label_png(gt_path)
+        if cams.shape[1:] != gt.shape:
+            raise DataError(f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
+        best_score, best_label = cam_best_class(cams, classes)  # once per image, reused per threshold
+        for t, threshold in enumerate(thresholds):
+            total[t] += confusion_matrix(seed_labels_from_best(best_score, best_label, threshold), gt, NUM_LABELS, IGNORE_INDEX)
+    return len(pairs), total
+
+
+def evaluate_cams(
+    cam_dir: str | Path,
+    gt_dir: str | Path,
+    ids: Sequence[str],
+    thresholds: Sequence[float],
+    key: str | None = None,
+    workers: int = 1,
+    chunk_size: int = 16,
+    progress: bool = False,
+) -> dict[float, SegmentationScores]:
+    """Seed quality of CAM files: for each background threshold, scores of
+    argmax([threshold, cams...]) against the GT masks, one confusion summed over ``ids``.
+
+    ``key`` selects another (K, H, W) array of the npz (e.g. a per-layer map ``stage3``, or
+    ``stage4+stage5``). Returns ``{threshold: scores}`` in the order of ``thresholds``.
+    Raises DataError naming the file for missing CAMs/GT and malformed CAM files.
+    """
+    cam_dir, gt_dir = Path(cam_dir), Path(gt_dir)
+    ids = list(ids)
+    thresholds = [float(t) for t in thresholds]
+    if not ids:
+        raise DataError("no image ids to evaluate")
+    if not thresholds:
+        raise ConfigError("no thresholds given")
+    cam_files, missing = find_cam_files(cam_dir, ids)
+    if missing:
+        raise DataError(f"{len(missing)} of {len(ids)} ids have no CAM file (<id>.npz or <id>.npy) in {cam_dir}: {name_some(missing)}")
+    missing_gt = missing_label_pngs(gt_dir, ids)
+    if missing_gt:
+        raise DataError(f"{len(missing_gt)} ids have no GT mask in {gt_dir}: {name_some(missing_gt)}")
+    pairs = [(cam_files[i], gt_dir / f"{i}.png") for i in ids]
+    count = functools.partial(_cam_confusions, thresholds=thresholds, key=key)
+    total = sum_in_chunks(count, pairs, workers, chunk_size, "eval-cams", progress)
+    return {t: scores_from_confusion(c) for t, c in zip(thresholds, total)}
+
+
+def best_threshold(results: dict[float, SegmentationScores]) -> float:
+    """Threshold with the highest mIoU (the lowest such threshold on ties)."""
+    return max(results, key=lambda t: (np.nan_to_num(results[t].miou, nan=-1.0), -t))
+
+
+def threshold_table(results: dict[float, SegmentationScores]) -> str:
+    """Plain-text table: threshold, mIoU %, pixel accuracy %, best row and 0.3 marked."""
+    best = best_threshold(results)
+    lines = [f"{'threshold':>9}  {'mIoU %':>7}  {'pixel acc %':>11}"]
+    for t, scores in results.items():
+        marks = [m for m, on in (("best", t == best), ("eq. 10 default", t == DEFAULT_THRESHOLD)) if on]
+        lines.append(f"{t:>9.3f}  {100 * scores.miou:>7.2f}  {100 * scores.pixel_accuracy:>11.2f}" + (f"  <- {', '.join(marks)}" if marks else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``wsss eval-cams``: see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="wsss eval-cams",
+        description="Seed mIoU of CAM files against GT masks over a background-threshold sweep: "
+        "background score = threshold, label = argmax over background and the image's class maps.",
+    )
+    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
+    parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
+    parser.add_argument("--list", type=Path, default=None, help="file of ids (default: every CAM file in --cams)")
+    parser.add_argument("--thresholds", default="0.05:0.60:0.05", help="START:STOP:STEP (STOP included) or a comma list; 0.3 is always added")
+    parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")
+    parser.add_argument("--json", type=Path, default=None, help="also write per-threshold scores to this JSON file")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    args = parser.parse_args(argv)
+    options.check_at_least("--workers", args.workers, 1)
+    thresholds = parse_thresholds(args.thresholds)
+    if args.json is not None:
+        ensure_output_file(args.json, "--json file")
+
+    start = time.perf_counter()
+    ids = read_id_list(args.list) if args.list is not None else list_cam_ids(args.cams)
+    if not ids:
+        raise DataError(f"no CAM files in {args.cams}; pass --list")
+    results = evaluate_cams(args.cams, args.gt, ids, thresholds, key=args.key, workers=args.workers, progress=True)
+    best = best_threshold(results)
+    print(threshold_table(results))
+    print(f"{len(ids)} images ({args.key or 'cams'}) in {time.perf_counter() - start:.1f}s; best threshold {best:g}: "
+          f"mIoU {100 * results[best].miou:.2f}%; at {DEFAULT_THRESHOLD:g}: {100 * results[DEFAULT_THRESHOLD].miou:.2f}%")
+    if args.json is not None:
+        payload = {
+            "key": args.key or "cams",
+            "num_images": len(ids),
+            "best_threshold": best,
+            "best_miou": results[best].to_dict(LABEL_NAMES)["miou"],
+            "thresholds": [{"threshold": t, **s.to_dict(LABEL_NAMES)} for t, s in results.items()],
+        }
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0

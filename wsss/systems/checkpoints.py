@@ -1,0 +1,120 @@
+"""Checkpoints: Lightning's reads and writes made safe, and trained models loaded back.
+
+Every read is ``torch.load(weights_only=True)`` (passed explicitly, so a crafted pickle cannot run
+code whatever torch's default) and every error names the file.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from wsss.errors import WeightsError
+from wsss.formats.torch_files import read_checkpoint
+from wsss.io import atomic_path
+from wsss.models.classifier import CAMClassifier
+from wsss.models.deeplab import DeepLabLargeFOV
+
+
+class CheckpointMismatch(WeightsError):
+    """A checkpoint of another stage (or another width): raised by a system's ``on_load_checkpoint``,
+    whose caller adds which file or option it was."""
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reads and writes, made safe for local files.
+
+    Reads (``--ckpt_path``, also ``last``) go through :func:`wsss.formats.torch_files.read_checkpoint`.
+    Writes go through :func:`wsss.io.atomic_path`: Lightning's own save stages the file in the
+    system temp folder, from where moving it into place is a copy, not an atomic rename, when that
+    folder is on another filesystem, and a SIGKILL leaves it there. Remote (``scheme://``) paths
+    keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path) or storage_options is not None:  # the parent handles (or refuses) these
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path)
+
+
+def load_system(system_class: type[pl.LightningModule], path: str | Path, **overrides: Any) -> pl.LightningModule:
+    """A trained system from one of our checkpoints, in eval mode, on the CPU.
+
+    The steps of Lightning's ``load_from_checkpoint``: the system is built from the stored
+    hyper-parameters (those its ``__init__`` takes; ``overrides`` replace them, ``weights="none"``
+    skips the pretrained initialisation since every weight comes from the checkpoint), its
+    ``on_load_checkpoint`` refuses another stage's checkpoint by name, then the state dict loads
+    strictly. ``load_from_checkpoint`` itself is not used: it first runs Lightning's checkpoint
+    migrations, which need the ``pytorch-lightning_version`` entry, and so would refuse a plain
+    ``{"state_dict", "hyper_parameters"}`` file (a conversion, a test fixture) that loads here; and
+    its read errors do not name the file. The file is read by :func:`read_checkpoint`.
+    """
+    checkpoint = read_checkpoint(path)
+    accepted = inspect.signature(system_class.__init__).parameters
+    kwargs = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    kwargs.update(weights="none", **overrides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="VGG16 weights='none'")
+        system = system_class(**kwargs)
+    try:
+        system.on_load_checkpoint(checkpoint)
+    except CheckpointMismatch as exc:
+        raise CheckpointMismatch(f"{path}: {exc}") from None
+    system.load_state_dict(checkpoint["state_dict"])
+    return system.eval()
+
+
+def load_classifier(path: str | Path) -> CAMClassifier:
+    """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode."""
+    from wsss.systems.classifier import ClassifierSystem
+
+    return load_system(ClassifierSystem, path).model
+
+
+def load_segmenter(path: str | Path) -> DeepLabLargeFOV:
+    """The trained :class:`DeepLabLargeFOV` of a ``train-seg`` checkpoint, in eval mode, in the
+    default memory format (``predict-seg --channels-last`` chooses its own)."""
+    from wsss.systems.segmenter import SegmenterSystem
+
+    return load_system(SegmenterSystem, path, channels_last=False).model
+
+
+def checkpoint_score(path: str | Path) -> float | None:
+    """The ``best_model_score`` that ModelCheckpoint stored in a checkpoint (val mAP / val mIoU)."""
+    for key, state in (read_checkpoint(path).get("callbacks") or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    return None
+
+
+def check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str, command: str, other_prefix: str, other: str) -> None:
+    """CheckpointMismatch unless ``state`` has exactly the keys and shapes of ``expected`` (a system's own
+    state dict): another stage's checkpoint is named as such, not answered with a wall of keys.
+
+    ``other_prefix`` is a key prefix only the other stage's checkpoints have, ``other`` its name.
+    """
+    if not isinstance(state, dict) or not state:
+        raise CheckpointMismatch(f"not a Lightning checkpoint of a {what} (no 'state_dict' entry)")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        looks_like = f" (it looks like a {other} checkpoint)" if any(k.startswith(other_prefix) for k in state) else ""
+        raise CheckpointMismatch(
+            f"not a {what} checkpoint{looks_like}: {len(missing)} keys missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); give a checkpoint written by `{command}`"
+        )
+    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        key = wrong[0]
+        raise CheckpointMismatch(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)} (a different width or class count?)")

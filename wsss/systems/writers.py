@@ -1,0 +1,68 @@
+"""Prediction writers: each image's file is written as soon as its batch is done (never kept in
+memory, ``return_predictions=False``), atomically, by the process that predicted it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from wsss.formats.cams import cam_path, write_cam_file
+from wsss.formats.label_png import write_label_png
+
+
+class PerImageWriter(BasePredictionWriter):
+    """Writes every item of a ``predict_step``'s list into ``out_dir``; ``written`` counts this
+    process's files."""
+
+    def __init__(self, out_dir: str | Path):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        for item in prediction:
+            self.write_item(item)
+
+    def write_item(self, item: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class CamWriter(PerImageWriter):
+    """:class:`~wsss.systems.predictors.CamPredictor` items -> ``<id>.npz`` (with per-layer maps if
+    ``save_layers``) or IRN's ``<id>.npy`` (``output_format="irn"``)."""
+
+    def __init__(self, out_dir: str | Path, save_layers: bool = False, output_format: str = "npz"):
+        super().__init__(out_dir)
+        self.save_layers, self.output_format = save_layers, output_format
+
+    def write_item(self, item: dict[str, Any]) -> None:
+        layer_maps = item["layers"] if self.save_layers else None
+        write_cam_file(cam_path(self.out_dir, item["id"], self.output_format), item["classes"], item["cams"], layer_maps)
+        self.written += 1
+
+
+class LabelPNGWriter(PerImageWriter):
+    """``{"id", "label_map"}`` items -> ``<id>.png`` (VOC palette)."""
+
+    def write_item(self, item: dict[str, Any]) -> None:
+        write_label_png(self.out_dir / f"{item['id']}.png", item["label_map"])
+        self.written += 1
+
+
+class PseudoLabelWriter(LabelPNGWriter):
+    """Items with a ``status``: ``labelled`` ones are written, ``skipped`` (a valid PNG is already
+    there) and ``failed`` (its ``message`` says why) ones are counted."""
+
+    def __init__(self, out_dir: str | Path):
+        super().__init__(out_dir)
+        self.skipped = 0
+        self.failed: dict[str, str] = {}
+
+    def write_item(self, item: dict[str, Any]) -> None:
+        if item["status"] == "labelled":
+            super().write_item(item)
+        elif item["status"] == "skipped":
+            self.skipped += 1
+        else:
+            self.failed[item["id"]] = item["message"]
