@@ -581,7 +581,7 @@ def writers(checkpoints, gt_cams: Path, root: Path, bad: Path, tmp: Path) -> dic
         "train-cls logger save_dir": (train_cls_argv(root, tmp, "--trainer.logger.init_args.save_dir", bad), "pytorch_lightning.Trainer.fit"),
         "train-seg --checkpoint.dirpath": (train_seg_argv(root, tmp, "--checkpoint.dirpath", bad), "pytorch_lightning.Trainer.fit"),
         "run --out": (["run", "-c", pipeline_yaml(tmp / "pipeline.yaml", root, tmp / "unused"), "--out", bad],
-                      "wsss.pipeline.Pipeline.check_training_options"),
+                      "wsss.pipeline.steps.check_training_configs"),
     }
 
 

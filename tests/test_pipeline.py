@@ -161,6 +161,35 @@ def test_unknown_key_lists_valid_keys(tmp_path, toy_root, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_print_config_shows_the_resolved_config_which_loads_again(tmp_path, toy_root, capsys):
+    from wsss.pipeline import load_config
+
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out")
+    assert cli_main(["run", "-c", str(config), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["cams"]["batch_size"] == 4 and printed["cams"]["scaled"] == ["stage3"]  # the YAML's value, a default
+    assert printed["pseudo"]["compactness"] is None and printed["segmenter"]["model"]["width"] == 0.125
+    (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(printed))
+    assert load_config(tmp_path / "resolved.yaml") == load_config(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"cams": {"batch_size": "four"}}, "'cams.batch_size' must be int, got 'four'"),
+    ({"cams": {"layers": "stage3"}}, "'cams.layers' must be a list, got 'stage3'"),
+    ({"cams": {"baselines": ["scorecam"]}}, "cams.baselines ['scorecam'] unknown"),
+    ({"predict": {"splits": []}}, "predict.splits must be a non-empty list"),
+    ({"pseudo": {"threshold": float("nan")}}, "pseudo.threshold must be a finite number"),
+    ({"eval_split": ["train"]}, "'eval_split' must be a single value"),
+])
+def test_config_values_are_checked_before_any_stage(tmp_path, toy_root, capsys, changes, expected):
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", **changes)
+    assert cli_main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: " in err and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     root = Path(json.loads((out / "results.json").read_text())["data_root"])
@@ -255,12 +284,12 @@ def test_interrupted_segmenter_stage_resumes_from_its_last_checkpoint(finished_r
 
 def test_demo_runs_the_toy_pipeline_config_and_writes_the_report(finished_run, tmp_path, toy_root, monkeypatch, capsys):
     import wsss.data
-    import wsss.pipeline
+    import wsss.pipeline.run
 
     out = copy_run(finished_run, tmp_path)
     # The demo's own glue on the tiny configuration of this module (every stage already done here).
     monkeypatch.setattr(wsss.data, "resolve_data_root", lambda root: toy_root)
-    monkeypatch.setattr(wsss.pipeline, "default_toy_config", lambda: tiny_config(tmp_path / "pipeline.yaml", toy_root, out))
+    monkeypatch.setattr(wsss.pipeline.run, "default_toy_config", lambda: tiny_config(tmp_path / "pipeline.yaml", toy_root, out))
     assert cli_main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("skipped (up to date)") == len(STAGES)
@@ -273,9 +302,9 @@ def test_shipped_pipeline_configs_load_and_point_at_their_stage_configs():
 
     for path in (CONFIGS / "pipeline.yaml", CONFIGS.parent / "pipeline.yaml"):
         config = load_config(path)
-        assert Path(config["classifier"]["config"]).is_file() and Path(config["segmenter"]["config"]).is_file()
+        assert config.classifier.config.is_file() and config.segmenter.config.is_file()
     toy = load_config(CONFIGS / "pipeline.yaml")
-    assert toy["segmenter"]["model"]["weights"] == "classifier" and toy["cam_split"] == "train_aug"
+    assert toy.segmenter.overrides["model"]["weights"] == "classifier" and toy.cam_split == "train_aug"
 
 
 def test_voc_mini_configs_reach_every_stage_on_a_voc_layout_with_irns_label_table(tmp_path, capsys):

@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-labels": ("wsss.stages.pseudo_labels:main", "stage 3: CAM files -> superpixel pseudo-label PNGs"),
     "evaluate": ("wsss.stages.evaluate:main", "mIoU of any folder of label PNGs against GT masks"),
     "eval-cams": ("wsss.stages.eval_cams:main", "mIoU of thresholded CAM seeds over a background-threshold sweep"),
-    "run": ("wsss.pipeline:main", "every stage in order from one YAML; up-to-date stages are skipped"),
-    "demo": ("wsss.pipeline:demo_main", "the whole pipeline on the built-in toy dataset, a few minutes on a CPU"),
+    "run": ("wsss.pipeline.run:main", "every stage in order from one YAML; up-to-date stages are skipped"),
+    "demo": ("wsss.pipeline.run:demo_main", "the whole pipeline on the built-in toy dataset, a few minutes on a CPU"),
     "report": ("wsss.report:main", "contact sheets of every stage's maps per image + index.html with the results table"),
     "show": ("wsss.report:show_main", "one image's row of maps (image, GT, CAMs, pseudo-label, prediction) as a PNG"),
 }

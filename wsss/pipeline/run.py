@@ -1,0 +1,160 @@
+"""``wsss run`` and ``wsss demo``: the steps in order, in one process, from one YAML.
+
+A step whose manifest says it is up to date is skipped; an interrupted one resumes; one whose
+options changed (or named by ``--from``/``--force``) starts afresh (:mod:`wsss.pipeline.manifest`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsss.errors import ConfigError, WsssError
+from wsss.pipeline import steps
+from wsss.pipeline.config import PipelineConfig, load_config
+from wsss.pipeline.manifest import Decision, decide, read_manifest, write_manifest
+from wsss.pipeline.results import build_results, results_table
+from wsss.pipeline.steps import STAGES, STEPS, Run, step_hash
+
+
+class StageError(WsssError):
+    """A stage failed with a user-facing error; the message names the stage."""
+
+    def __init__(self, stage: str, cause: Exception):
+        super().__init__(f"stage '{stage}' failed: {cause} (earlier stages' outputs are kept; fix and rerun to resume)")
+        self.stage = stage
+
+
+def _clear(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _run_step(step: steps.Step, run: Run) -> dict[str, Any]:
+    try:
+        return step.run(run)
+    except WsssError as exc:
+        raise StageError(step.name, exc) from exc
+    except BaseException:
+        print(f"wsss run: stage '{step.name}' failed (earlier stages' outputs are kept; rerun to resume)", file=sys.stderr, flush=True)
+        raise
+
+
+def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: bool = False, until: str | None = None) -> dict[str, Any]:
+    """Run every step that is not up to date, stopping after ``until`` if given.
+
+    Returns the results table (the contents of ``OUT/results.json`` when the run got that far).
+    """
+    from wsss.data import resolve_data_root
+    from wsss.io import ensure_output_dir
+
+    for option, stage in (("--from", start_from), ("--until", until)):
+        if stage is not None and stage not in STAGES:
+            raise ConfigError(f"{option} {stage!r}: choose from {', '.join(STAGES)}")
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    out = ensure_output_dir(config.out)
+    run = Run(config, out, resolve_data_root(config.data_root).resolve())
+    steps.check_training_configs(run)
+    forced = set(STAGES) if force else set(STAGES[STAGES.index(start_from):]) if start_from else set()
+    total = time.perf_counter()
+    hashes: dict[str, str] = {}
+    print(f"wsss run: data {run.data_root}, output {out.resolve()}", flush=True)
+    for number, step in enumerate(STEPS[:last + 1], 1):
+        hashes[step.name] = step_hash(step, run, hashes)
+        banner = f"[{number}/{len(STEPS)}] {step.name}"
+        decision = decide(read_manifest(out, step.name), hashes[step.name], step.name in forced, lambda: step.complete(run))
+        print(f"{banner}: {decision.value}", flush=True)
+        if decision is Decision.SKIP:
+            continue
+        if decision is Decision.FRESH:
+            _clear(step.outputs(run))
+        record = {"stage": step.name, "hash": hashes[step.name], "deps": {d: hashes[d] for d in step.deps},
+                  "config": config.to_dict()[step.section] if step.section else None, "finished": False}
+        write_manifest(out, step.name, record)
+        start = time.perf_counter()
+        produced = _run_step(step, run)
+        seconds = time.perf_counter() - start
+        write_manifest(out, step.name, {**record, **produced, "seconds": round(seconds, 2), "finished": True,
+                                         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        print(f"{banner}: done in {seconds:.1f}s", flush=True)
+    if STAGES[last] == "evaluate":
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        print(f"wsss run: finished in {time.perf_counter() - total:.1f}s; results in {out / 'results.json'}\n")
+    else:
+        results = build_results(config, run.data_root, lambda name: read_manifest(out, name), {})
+        print(f"wsss run: stopped after '{STAGES[last]}' in {time.perf_counter() - total:.1f}s\n")
+    print(results_table(results), flush=True)
+    return results
+
+
+def quiet_library_logs() -> None:
+    """Keep a whole-pipeline run readable: Lightning's per-Trainer banners (devices, tips, model
+    summaries) and the stages' per-validation tables repeat for every stage; the run prints its
+    own progress and one results table. Warnings and errors still show."""
+    import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then quiet it)
+
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "wsss.stages", "wsss.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # Lightning's own, once per Trainer
+
+
+def main(argv: list[str]) -> int:
+    """``wsss run``: see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="wsss run",
+        description=f"Run every stage ({', '.join(STAGES)}) from one YAML; stages whose outputs are up to date are skipped.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="pipeline YAML (e.g. configs/pipeline.yaml)")
+    parser.add_argument("--data-root", default=None, help="overrides data_root of the config ('toy' = built-in toy dataset)")
+    parser.add_argument("--out", default=None, help="overrides out of the config (output folder)")
+    parser.add_argument("--from", dest="start_from", default=None, choices=STAGES, help="re-run this stage and every later one")
+    parser.add_argument("--until", default=None, choices=STAGES, help="stop after this stage")
+    parser.add_argument("--force", action="store_true", help="re-run every stage")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration (every default filled in) and exit")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, {"data_root": args.data_root, "out": args.out})
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    quiet_library_logs()
+    run_pipeline(config, args.start_from, args.force, args.until)
+    return 0
+
+
+def default_toy_config() -> Path:
+    path = Path(__file__).resolve().parents[2] / "configs" / "toy" / "pipeline.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: `wsss demo` needs the repository's configs/ folder (install with pip install -e .)")
+    return path
+
+
+def demo_main(argv: list[str]) -> int:
+    """``wsss demo``: the whole pipeline on the built-in toy dataset in a few minutes on a CPU."""
+    from wsss.data import resolve_data_root
+    from wsss.report import write_report
+
+    parser = argparse.ArgumentParser(prog="wsss demo", description="Generate the toy dataset and run the whole pipeline on it "
+                                     "(configs/toy/pipeline.yaml): a few minutes on 2 CPU cores, no data, no internet.")
+    parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    parser.add_argument("--force", action="store_true", help="re-run every stage")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    root = resolve_data_root("toy")
+    print(f"wsss demo: toy dataset at {root}", flush=True)
+    config = load_config(default_toy_config(), {"data_root": str(root), "out": args.out})
+    quiet_library_logs()
+    run_pipeline(config, force=args.force)
+    print(f"report: {write_report(args.out, root)}")
+    print(f"wsss demo: done in {time.perf_counter() - start:.0f}s")
+    return 0

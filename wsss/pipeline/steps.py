@@ -1,0 +1,322 @@
+"""The steps of ``wsss run``: each calls one stage function with paths under ``OUT`` and returns
+what its manifest records (``counts``, ``results``).
+
+Steps meet only through files (the layout is in the README); :data:`STEPS` says, for each, the
+config section and earlier steps its hash covers, the outputs a fresh start clears and how to tell
+they are all there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from wsss.data.voc import VOCLayout
+from wsss.errors import ConfigError, DataError
+from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection, read_yaml
+from wsss.pipeline.manifest import read_manifest
+from wsss.pipeline.results import build_results
+from wsss.trainers import is_global_zero
+
+SEED_ROWS = (  # (row name, CAM folder, npz key: None = the file's fused map, "a+b" = max of saved layers)
+    ("Grad-CAM stage5", "gradcam", None),
+    ("Grad-CAM++ stage5", "gradcampp", None),
+    ("LayerCAM stage5", "layercam", "stage5"),
+    ("LayerCAM stage4", "layercam", "stage4"),
+    ("LayerCAM stage3", "layercam", "stage3"),
+    ("LayerCAM stages 4-5 fused", "layercam", "stage4+stage5"),
+    ("LayerCAM stages 3-5 fused", "layercam", None),
+)
+PSEUDO_ROWS = (("Grad-CAM stage5", "gradcam"), ("Grad-CAM++ stage5", "gradcampp"), ("LayerCAM stages 3-5 fused", "layercam"))
+# In the segmenter section, `model.weights: classifier` starts the segmenter's trunk from this run's
+# classifier (the toy preset's stand-in for ImageNet initialisation, which the toy data has none of).
+THIS_RUNS_CLASSIFIER = "classifier"
+
+
+class CamVariant(NamedTuple):
+    """One CAM folder of a run: LayerCAM (fused layers, per-layer maps kept) or a baseline at stage 5."""
+
+    method: str
+    layers: tuple[str, ...]
+    scaled_layers: tuple[str, ...]
+    save_layers: bool
+
+
+def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"data.batch_size": 4, "model": {"width": 0.5}}`` -> ``{"data": {"batch_size": 4}, "model": {"width": 0.5}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, last = str(key).split(".")
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = _nested(value) if isinstance(value, Mapping) else value
+    return nested
+
+
+def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mappings merged key by key (later values win, as later options do)."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+@dataclass
+class Run:
+    """What every step reads: the configuration, the output folder and the dataset. ``quiet``: print
+    nothing (a DDP process other than the first, running one step)."""
+
+    config: PipelineConfig
+    out: Path
+    data_root: Path
+    quiet: bool = False
+    _ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        if not self.quiet and is_global_zero():
+            print(text, flush=True)
+
+    @functools.cached_property
+    def layout(self) -> VOCLayout:
+        return VOCLayout(self.data_root)
+
+    def ids(self, split: str) -> list[str]:
+        if split not in self._ids:
+            self._ids[split] = self.layout.read_ids(split)
+        return self._ids[split]
+
+    def cam_variants(self) -> dict[str, CamVariant]:
+        """CAM folder -> variant: ``layercam`` and one folder per baseline."""
+        cams = self.config.cams
+        variants = {"layercam": CamVariant("layercam", cams.layers, cams.scaled_layers, True)}
+        for method in cams.baselines:
+            variants[BASELINES[method]] = CamVariant(method, ("stage5",), (), False)
+        return variants
+
+    def has_layers(self, folder: str, key: str | None) -> bool:
+        """Whether the CAM files of ``folder`` hold the (``+``-joined) per-layer arrays ``key``."""
+        variant = self.cam_variants()[folder]
+        return key is None or all(layer in (variant.layers if variant.save_layers else ()) for layer in key.split("+"))
+
+    def pseudo_variants(self) -> list[str]:
+        return [name for _, name in PSEUDO_ROWS if name in self.cam_variants()]
+
+    def prediction_splits(self) -> list[str]:
+        """Splits the segmenter predicts and is scored on: ``predict.splits``, by default val and eval."""
+        return list(dict.fromkeys(self.config.predict.splits or (self.config.val_split, self.config.eval_split)))
+
+    def training_config(self, section: TrainingSection, folder: str, **pipeline_values: Any) -> dict[str, Any]:
+        """A training stage's configuration: its YAML, the section's overrides, then what the run
+        sets (data, output folders; ``ckpt_path`` to the last.ckpt of an interrupted run, which a
+        fresh start would have cleared)."""
+        values = _merged(_nested(section.overrides), _nested({
+            **pipeline_values,
+            "data.root": str(self.data_root), "data.val_split": self.config.val_split,
+            "checkpoint.dirpath": str(self.out / folder), "trainer.logger.init_args.save_dir": str(self.out / "logs"),
+        }))
+        last = self.out / folder / "last.ckpt"
+        if last.is_file():
+            values["ckpt_path"] = str(last)
+        return _merged(read_yaml(section.config, f"{folder} stage config"), values)
+
+    def classifier_config(self) -> dict[str, Any]:
+        return self.training_config(self.config.classifier, "classifier")
+
+    def segmenter_config(self) -> dict[str, Any]:
+        weights = {}
+        if _nested(self.config.segmenter.overrides).get("model", {}).get("weights") == THIS_RUNS_CLASSIFIER:
+            weights = {"model.weights": f"classifier:{self.out / 'classifier' / 'best.ckpt'}"}
+        return self.training_config(self.config.segmenter, "segmenter", **weights, **{
+            "data.train_labels": str(self.out / "pseudo" / "layercam"), "data.train_split": self.config.cam_split})
+
+
+def check_training_configs(run: Run) -> None:
+    """Parse both training stages' configurations now: a misspelt key in the segmenter section must
+    not wait for the classifier, CAM and pseudo-label steps to finish before it is reported."""
+    from wsss.stages.train_classifier import check_classifier_config
+    from wsss.stages.train_segmenter import check_segmenter_config
+
+    for section, check, config in (("classifier", check_classifier_config, run.classifier_config()),
+                                   ("segmenter", check_segmenter_config, run.segmenter_config())):
+        try:
+            check(config)
+        except ConfigError as exc:
+            raise ConfigError(f"'{section}' section: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _best_score(run: Run, folder: str) -> float | None:
+    from wsss.systems.checkpoints import checkpoint_score
+
+    best = run.out / folder / "best.ckpt"
+    return checkpoint_score(best) if best.is_file() else None
+
+
+def train_classifier_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.train_classifier import train_classifier
+
+    train_classifier(run.classifier_config())
+    best = run.out / "classifier" / "best.ckpt"
+    if not best.is_file():
+        raise DataError(f"train-cls finished without writing {best} (did validation run? check trainer options)")
+    return {"counts": {"checkpoints": 2}, "results": {"val_mAP": _best_score(run, "classifier")}}
+
+
+def cams_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.cams import make_cams
+
+    c = run.config.cams
+    counts = {}
+    for name, variant in run.cam_variants().items():
+        run.say(f"  cams/{name}: {variant.method} at {','.join(variant.layers)}")
+        counts[name] = dataclasses.asdict(make_cams(
+            run.out / "classifier" / "best.ckpt", run.data_root, run.out / "cams" / name, split=run.config.cam_split, labels=c.labels,
+            method=variant.method, layers=variant.layers, scaled_layers=variant.scaled_layers, gamma=c.gamma, scales=c.scales,
+            flip=c.flip, batch_size=c.batch_size, num_workers=c.num_workers, save_layers=variant.save_layers,
+            accelerator=c.accelerator, devices=c.devices, progress=False,
+        ))
+    return {"counts": counts}
+
+
+def eval_cams_step(run: Run) -> dict[str, Any]:
+    from wsss.pseudo import DEFAULT_THRESHOLD
+    from wsss.stages.eval_cams import best_threshold, evaluate_cams, parse_thresholds
+
+    thresholds = parse_thresholds(run.config.eval_cams.thresholds)
+    ids = run.ids(run.config.eval_split)
+    rows = {}
+    for row, folder, key in SEED_ROWS:
+        if folder not in run.cam_variants() or not run.has_layers(folder, key):
+            continue
+        scores = evaluate_cams(run.out / "cams" / folder, run.layout.mask_dir, ids, thresholds, key=key, workers=run.config.eval_cams.workers)
+        best = best_threshold(scores)
+        rows[row] = {"best_threshold": best, "best_miou": float(scores[best].miou), "miou_at_0.3": float(scores[DEFAULT_THRESHOLD].miou)}
+        run.say(f"  {row}: mIoU {100 * rows[row]['best_miou']:.1f} at {best:g}, {100 * rows[row]['miou_at_0.3']:.1f} at 0.3")
+    return {"counts": {"images": len(ids)}, "results": rows}
+
+
+def pseudo_labels_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_labels
+
+    c = run.config.pseudo
+    counts = {}
+    for name in run.pseudo_variants():
+        summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
+                                     params=PseudoLabelParams(threshold=c.threshold, slic=c.slic()), workers=c.workers, progress=False)
+        run.say(f"  pseudo/{name}: {summary.line()}")
+        summary.raise_for_failures()
+        counts[name] = {"written": summary.written, "skipped": summary.skipped_existing}
+    return {"counts": counts}
+
+
+def eval_pseudo_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.evaluate import evaluate_labels
+
+    ids = run.ids(run.config.eval_split)
+    rows = {}
+    for row, folder in PSEUDO_ROWS:
+        if folder in run.pseudo_variants():
+            scores = evaluate_labels(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
+            rows[row] = {"miou": float(scores.miou)}
+            run.say(f"  {row}: pseudo-label mIoU {100 * scores.miou:.1f}")
+    return {"counts": {"images": len(ids)}, "results": rows}
+
+
+def train_segmenter_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.train_segmenter import train_segmenter
+
+    train_segmenter(run.segmenter_config())
+    best = run.out / "segmenter" / "best.ckpt"
+    return {"counts": {"checkpoints": 2 if best.is_file() else 1}, "results": {"val_mIoU": _best_score(run, "segmenter")}}
+
+
+def predict_step(run: Run) -> dict[str, Any]:
+    from wsss.stages.predict import predict_segmentation
+
+    c = run.config.predict
+    best = run.out / "segmenter" / "best.ckpt"
+    checkpoint = best if best.is_file() else run.out / "segmenter" / "last.ckpt"
+    counts = {}
+    for split in run.prediction_splits():
+        predict_segmentation(checkpoint, run.data_root, run.out / "predictions" / split, split=split, scales=c.scales, flip=c.flip,
+                             batch_size=c.batch_size, num_workers=c.num_workers, accelerator=c.accelerator, devices=1, progress=False)
+        counts[split] = len(run.ids(split))
+    return {"counts": counts}
+
+
+def evaluate_step(run: Run) -> dict[str, Any]:
+    from wsss.io import write_json
+    from wsss.stages.evaluate import evaluate_labels
+
+    rows = {}
+    for split in run.prediction_splits():
+        scores = evaluate_labels(run.out / "predictions" / split, run.layout.mask_dir, run.ids(split))
+        rows[split] = {"miou": float(scores.miou), "pixel_accuracy": float(scores.pixel_accuracy)}
+    write_json(run.out / "results.json", build_results(run.config, run.data_root, lambda step: read_manifest(run.out, step), rows))
+    return {"counts": {split: len(run.ids(split)) for split in rows}, "results": rows}
+
+
+# ----------------------------------------------------------------------------- the table of steps
+
+
+def _all_files(run: Run, folder: str, names: Mapping[str, list[str]], suffix: str) -> bool:
+    return all((run.out / folder / sub / f"{i}{suffix}").is_file() for sub, ids in names.items() for i in ids)
+
+
+def _stage_yaml(run: Run, section: TrainingSection) -> dict[str, Any]:
+    return {"stage_yaml": section.config.read_text(encoding="utf-8"), "section": dict(section.overrides)}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of ``wsss run``: the stage call and what the run needs to know about it."""
+
+    name: str
+    run: Callable[[Run], dict[str, Any]]
+    section: str | None  # the config section its hash covers
+    deps: tuple[str, ...]  # the steps whose outputs it reads (their hashes are part of its own)
+    outputs: Callable[[Run], list[Path]] = lambda run: []  # what a fresh start clears
+    complete: Callable[[Run], bool] = lambda run: True  # whether all its outputs are on disk
+    also_hashed: Callable[[Run], dict[str, Any]] = lambda run: {}  # other settings it depends on
+
+
+STEPS = (
+    Step("classifier", train_classifier_step, "classifier", (),
+         outputs=lambda run: [run.out / "classifier", run.out / "logs" / "classifier"],
+         complete=lambda run: all((run.out / "classifier" / name).is_file() for name in ("best.ckpt", "last.ckpt")),
+         also_hashed=lambda run: {"data_root": str(run.data_root), "val_split": run.config.val_split, **_stage_yaml(run, run.config.classifier)}),
+    Step("cams", cams_step, "cams", ("classifier",), outputs=lambda run: [run.out / "cams"],
+         complete=lambda run: _all_files(run, "cams", {v: run.ids(run.config.cam_split) for v in run.cam_variants()}, ".npz"),
+         also_hashed=lambda run: {"split": run.config.cam_split}),
+    Step("eval-cams", eval_cams_step, "eval_cams", ("cams",), also_hashed=lambda run: {"split": run.config.eval_split}),
+    Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams",), outputs=lambda run: [run.out / "pseudo"],
+         complete=lambda run: _all_files(run, "pseudo", {v: run.ids(run.config.cam_split) for v in run.pseudo_variants()}, ".png"),
+         also_hashed=lambda run: {"split": run.config.cam_split}),
+    Step("eval-pseudo", eval_pseudo_step, None, ("pseudo-labels",), also_hashed=lambda run: {"split": run.config.eval_split}),
+    Step("segmenter", train_segmenter_step, "segmenter", ("pseudo-labels",),
+         outputs=lambda run: [run.out / "segmenter", run.out / "logs" / "segmenter"],
+         complete=lambda run: (run.out / "segmenter" / "last.ckpt").is_file(),
+         also_hashed=lambda run: {"splits": [run.config.cam_split, run.config.val_split], **_stage_yaml(run, run.config.segmenter)}),
+    Step("predict", predict_step, "predict", ("segmenter",), outputs=lambda run: [run.out / "predictions"],
+         complete=lambda run: _all_files(run, "predictions", {s: run.ids(s) for s in run.prediction_splits()}, ".png"),
+         also_hashed=lambda run: {"splits": run.prediction_splits()}),
+    Step("evaluate", evaluate_step, None, ("predict", "eval-cams", "eval-pseudo", "classifier"), outputs=lambda run: [run.out / "results.json"],
+         complete=lambda run: (run.out / "results.json").is_file(), also_hashed=lambda run: {"splits": run.prediction_splits()}),
+)
+STAGES = tuple(step.name for step in STEPS)
+STEP_BY_NAME = {step.name: step for step in STEPS}
+
+
+def step_hash(step: Step, run: Run, hashes: Mapping[str, str]) -> str:
+    """The hash of everything ``step`` depends on: its config section, the hashes of the steps it
+    reads, and the other settings it names."""
+    from wsss.pipeline.manifest import digest
+
+    section = run.config.to_dict()[step.section] if step.section else None
+    return digest({"stage": step.name, "section": section, "deps": {d: hashes[d] for d in step.deps}, **step.also_hashed(run)})
