@@ -231,6 +231,29 @@ def test_until_stops_after_the_named_stage(finished_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_ddp_step_inside_wsss_run_runs_that_stage_once(finished_run, tmp_path):
+    """`cams.devices: 2` on 2 gloo CPU processes. Lightning's ddp launcher starts the second process
+    by re-running `wsss run`'s command line; that process must run the CAM stage alone and exit:
+    every step once, each CAM file written once by the two processes together, then one process on."""
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, cams={"accelerator": "cpu", "devices": 2})
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "wsss.cli", "run", "-c", str(config), "--until", "eval-pseudo"],
+                            env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout
+    for stage in ("cams", "eval-cams", "pseudo-labels", "eval-pseudo"):
+        assert printed.count(f"] {stage}: running") == 1, printed
+    assert printed.count("stopped after 'eval-pseudo'") == 1 and printed.count("wsss run: data") == 1
+    assert result.stderr.count("runs step 'cams' alone") == 1, result.stderr[-3000:]  # one other process, for that step only
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    counts = json.loads((out / "manifests/cams.json").read_text())["counts"]
+    assert counts == {name: {"written": len(ids), "skipped": 0} for name in ("layercam", "gradcam", "gradcampp")}
+
+
+@pytest.mark.slow
 def test_two_independent_runs_give_identical_outputs(finished_run, toy_root, tmp_path):
     """The same tiny configuration run again in a fresh folder, by another process with another
     hash seed: identical CAMs, byte-identical pseudo-labels and predictions, identical weights."""

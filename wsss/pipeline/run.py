@@ -2,16 +2,26 @@
 
 A step whose manifest says it is up to date is skipped; an interrupted one resumes; one whose
 options changed (or named by ``--from``/``--force``) starts afresh (:mod:`wsss.pipeline.manifest`).
+
+DDP inside a run: a step whose stage runs on several devices (``cams.devices: 2``, or
+``trainer.devices`` in a training section) is started by Lightning's ``ddp`` launcher, which
+re-runs this process's command line in the other processes. Those find the step's name in
+``WSSS_RUN_STEP`` (set for the step's duration and inherited), run that step's stage alone,
+silently, and exit: no manifests, no other step. Afterwards this process ends the process group,
+so that a later DDP step starts processes of its own.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,11 @@ from wsss.pipeline import steps
 from wsss.pipeline.config import PipelineConfig, load_config
 from wsss.pipeline.manifest import Decision, decide, read_manifest, write_manifest
 from wsss.pipeline.results import build_results, results_table
-from wsss.pipeline.steps import STAGES, STEPS, Run, step_hash
+from wsss.pipeline.steps import STAGES, STEP_BY_NAME, STEPS, Run, step_hash
+
+STEP_ENV = "WSSS_RUN_STEP"
+# What Lightning's ddp launcher puts in the environment of the process that starts the others.
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 class StageError(WsssError):
@@ -31,6 +45,33 @@ class StageError(WsssError):
     def __init__(self, stage: str, cause: Exception):
         super().__init__(f"stage '{stage}' failed: {cause} (earlier stages' outputs are kept; fix and rerun to resume)")
         self.stage = stage
+
+
+def ddp_child_step() -> str | None:
+    """The step this process must run alone: set when Lightning's ddp launcher started it (as local
+    rank > 0) by re-running ``wsss run`` during that step; None in the process the user started."""
+    step = os.environ.get(STEP_ENV)
+    return step if step and os.environ.get("LOCAL_RANK", "0") != "0" else None
+
+
+@contextlib.contextmanager
+def step_scope(name: str) -> Iterator[None]:
+    """Run step ``name`` with its name in the environment of any process Lightning starts, and leave
+    no process group or launcher variables behind it."""
+    saved = {key: os.environ.get(key) for key in (STEP_ENV, *_LAUNCHER_ENV)}
+    os.environ[STEP_ENV] = name
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _clear(paths: list[Path]) -> None:
@@ -42,13 +83,14 @@ def _clear(paths: list[Path]) -> None:
 
 
 def _run_step(step: steps.Step, run: Run) -> dict[str, Any]:
-    try:
-        return step.run(run)
-    except WsssError as exc:
-        raise StageError(step.name, exc) from exc
-    except BaseException:
-        print(f"wsss run: stage '{step.name}' failed (earlier stages' outputs are kept; rerun to resume)", file=sys.stderr, flush=True)
-        raise
+    with step_scope(step.name):
+        try:
+            return step.run(run)
+        except WsssError as exc:
+            raise StageError(step.name, exc) from exc
+        except BaseException:
+            print(f"wsss run: stage '{step.name}' failed (earlier stages' outputs are kept; rerun to resume)", file=sys.stderr, flush=True)
+            raise
 
 
 def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: bool = False, until: str | None = None) -> dict[str, Any]:
@@ -98,6 +140,15 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
     return results
 
 
+def run_step_alone(config: PipelineConfig, name: str) -> None:
+    """Step ``name``'s stage call and nothing else, silently: what a DDP process started during that
+    step does (see the module docstring)."""
+    from wsss.data import resolve_data_root
+
+    print(f"wsss run: process {os.environ.get('LOCAL_RANK')} of a DDP step runs step '{name}' alone", file=sys.stderr, flush=True)
+    STEP_BY_NAME[name].run(Run(config, Path(config.out), resolve_data_root(config.data_root).resolve(), quiet=True))
+
+
 def quiet_library_logs() -> None:
     """Keep a whole-pipeline run readable: Lightning's per-Trainer banners (devices, tips, model
     summaries) and the stages' per-validation tables repeat for every stage; the run prints its
@@ -128,6 +179,10 @@ def main(argv: list[str]) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     quiet_library_logs()
+    child_step = ddp_child_step()
+    if child_step is not None:
+        run_step_alone(config, child_step)
+        return 0
     run_pipeline(config, args.start_from, args.force, args.until)
     return 0
 
