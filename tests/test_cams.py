@@ -203,7 +203,7 @@ def test_matches_pytorch_grad_cam(method, layer):
 def test_fuse_equal_size_by_hand():
     shallow = torch.tensor([[[0.0, 1.0], [2.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
     deep = torch.tensor([[[3.0, 0.0], [0.0, 1.5]], [[0.0, 0.0], [0.0, 2.0]]])
-    fused = fuse_cams([shallow, deep], (2, 2), scaled=[True, False])
+    fused = fuse_cams([shallow, deep], (2, 2), tanh_scaled=[True, False])
     # shallow class 0 / 4 -> [[0, .25], [.5, 1]] -> tanh(2x); deep class 0 / 3 -> [[1, 0], [0, .5]].
     expected = torch.tensor([
         [[1.0, math.tanh(0.5)], [math.tanh(1.0), math.tanh(2.0)]],
@@ -216,15 +216,15 @@ def test_fuse_upsamples_after_tanh_by_hand():
     # Bilinear, align_corners=False, width 2 -> 4 samples the source at x = 0, .25, .75, 1 (clamped).
     maps = torch.tensor([[[0.0, 4.0], [0.0, 4.0]]])
     t = math.tanh(2.0)
-    torch.testing.assert_close(fuse_cams([maps], (2, 4), scaled=[False]), torch.tensor([[[0.0, 0.25, 0.75, 1.0]] * 2]))
-    torch.testing.assert_close(fuse_cams([maps], (2, 4), scaled=[True]), torch.tensor([[[0.0, 0.25 * t, 0.75 * t, t]] * 2]))
+    torch.testing.assert_close(fuse_cams([maps], (2, 4), tanh_scaled=[False]), torch.tensor([[[0.0, 0.25, 0.75, 1.0]] * 2]))
+    torch.testing.assert_close(fuse_cams([maps], (2, 4), tanh_scaled=[True]), torch.tensor([[[0.0, 0.25 * t, 0.75 * t, t]] * 2]))
 
 
 def test_fuse_constant_maps_and_max_over_layers():
     fine = torch.zeros(1, 4, 6)
     fine[0, 1, 2], fine[0, 3, 5] = 10.0, 5.0
     coarse = torch.full((1, 2, 3), 3.0)  # upsampled, a constant stays that constant
-    fused = fuse_cams([fine, coarse], (4, 6), scaled=[False, True])
+    fused = fuse_cams([fine, coarse], (4, 6), tanh_scaled=[False, True])
     expected = torch.full((1, 4, 6), math.tanh(2.0))
     expected[0, 1, 2] = 1.0
     torch.testing.assert_close(fused, expected)
@@ -233,18 +233,18 @@ def test_fuse_constant_maps_and_max_over_layers():
 def test_fuse_range_shape_and_empty():
     torch.manual_seed(0)
     maps = [torch.rand(3, 5, 7) * 50, torch.rand(3, 2, 3), torch.zeros(3, 4, 4)]
-    fused = fuse_cams(maps, (33, 41), scaled=[True, False, True])
+    fused = fuse_cams(maps, (33, 41), tanh_scaled=[True, False, True])
     assert fused.shape == (3, 33, 41)
     assert fused.min() >= 0 and fused.max() <= 1 and fused.max() > 0.9
-    assert fuse_cams([torch.zeros(0, 5, 7), torch.zeros(0, 2, 3)], (9, 9), scaled=[True, False]).shape == (0, 9, 9)
+    assert fuse_cams([torch.zeros(0, 5, 7), torch.zeros(0, 2, 3)], (9, 9), tanh_scaled=[True, False]).shape == (0, 9, 9)
     with pytest.raises(ValueError, match="same K"):
-        fuse_cams([torch.rand(2, 3, 3), torch.rand(3, 3, 3)], (4, 4), scaled=[False, False])
+        fuse_cams([torch.rand(2, 3, 3), torch.rand(3, 3, 3)], (4, 4), tanh_scaled=[False, False])
 
 
 def test_normalize_maps():
     maps = torch.tensor([[[1.0, 2.0], [0.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
     torch.testing.assert_close(normalize_maps(maps), torch.tensor([[[0.25, 0.5], [0.0, 1.0]], [[0.0] * 2] * 2]))
-    torch.testing.assert_close(normalize_maps(maps, scale=True, gamma=3.0)[0, 0, 1], torch.tensor(math.tanh(1.5)))
+    torch.testing.assert_close(normalize_maps(maps, tanh_scaled=True, gamma=3.0)[0, 0, 1], torch.tensor(math.tanh(1.5)))
 
 
 def test_accumulate_multiscale_by_hand():

@@ -144,7 +144,7 @@ def test_predict_needs_gradients_even_under_inference_mode(classifier_ckpt):
     """Lightning predicts under inference_mode by default; the CAM system must still get maps."""
     system = CamPredictor(load_classifier(classifier_ckpt), ["stage4", "stage5"], scaled_layers=[])
     image = torch.randn(3, 48, 64)
-    batch = {"id": ["a"], "image": [image], "size": [(48, 64)], "labels": torch.eye(20)[[3]]}
+    batch = {"id": ["a"], "image": [image], "size": [(48, 64)], "multi_hot": torch.eye(20)[[3]]}
     with torch.inference_mode():
         result = system.predict_step(batch, 0)
     assert result[0]["cams"].shape == (1, 48, 64) and np.isfinite(result[0]["cams"]).all()

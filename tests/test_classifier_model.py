@@ -121,3 +121,15 @@ def test_frozen_stages_out_of_range_is_a_config_error():
 
     with pytest.raises(ConfigError, match="frozen_stages must be in 0..5"):
         CAMClassifier(weights="none", width=0.125, frozen_stages=6)
+
+
+def test_forward_features_is_the_trunk_and_forward_head_the_rest():
+    """timm's split: forward_features gives the trunk's conv5_3 map, forward_head the logits from it."""
+    torch.manual_seed(0)
+    model = CAMClassifier(20, weights="none", width=0.125).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        assert features.shape == (2, 64, 4, 6)  # 512 * 0.125 channels at 1/16
+        torch.testing.assert_close(features, model.features(images))
+        torch.testing.assert_close(model.forward_head(features), model(images))

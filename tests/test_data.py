@@ -11,7 +11,7 @@ from PIL import Image
 from wsss.cli import main as cli
 from wsss.data.toy import make_toy_voc
 from wsss.data.transforms import fit_transform, to_tv, train_transform
-from wsss.data.voc import ImageLabels, VOCLayout, labels_from_mask, read_id_list
+from wsss.data.voc import ImageLabels, VOCLayout, multi_hot_from_mask, read_id_list
 from wsss.errors import DataError
 from wsss.formats.images import read_image
 from wsss.formats.label_png import read_label_png
@@ -69,7 +69,7 @@ def test_labels_from_hand_made_mask():
     mask = np.array([[0, 3, 3], [255, 15, 0], [0, 0, 255]], dtype=np.uint8)
     expected = np.zeros(20, dtype=np.float32)
     expected[[2, 14]] = 1  # bird (3) and person (15)
-    np.testing.assert_array_equal(labels_from_mask(mask), expected)
+    np.testing.assert_array_equal(multi_hot_from_mask(mask), expected)
 
 
 def test_label_sources_agree_on_toy_data_and_table_is_read(toy_root, tmp_path):

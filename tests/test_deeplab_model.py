@@ -322,3 +322,14 @@ def test_frozen_stages_leave_their_parameters_out_of_the_optimizer():
     assert grouped == trained
     assert not model.features[0].weight.requires_grad and not model.features[7].weight.requires_grad  # conv1_1, conv2_2
     assert model.features[10].weight.requires_grad and model.fc6.weight.requires_grad  # conv3_1, fc6
+
+
+def test_forward_features_is_the_dilated_trunk_and_forward_head_the_rest():
+    torch.manual_seed(0)
+    model = DeepLabLargeFOV(weights="none", width=NARROW).eval()
+    images = torch.randn(1, 3, 65, 49)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        assert features.shape[-2:] == (9, 7)  # 1/8, ceil-pooled: 65 -> 9, 49 -> 7
+        torch.testing.assert_close(features, model.features(images))
+        torch.testing.assert_close(model.forward_head(features), model(images))

@@ -269,7 +269,7 @@ def test_train_cls_under_ddp_validates_every_val_image_once(toy_root, tmp_path):
     model = load_classifier(best)
     dataset = ClassificationDataset(layout, val_ids, ImageLabels(layout), fit_transform(crop))
     images = torch.stack([dataset[k]["image"] for k in range(len(dataset))])
-    targets = torch.stack([dataset[k]["labels"] for k in range(len(dataset))]).long()
+    targets = torch.stack([dataset[k]["multi_hot"] for k in range(len(dataset))]).long()
     with torch.no_grad():
         probs = model(images).sigmoid()
 

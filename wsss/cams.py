@@ -115,25 +115,26 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
     return resolved
 
 
-def normalize_maps(maps: Tensor, scale: bool = False, gamma: float = 2.0) -> Tensor:
+def normalize_maps(maps: Tensor, tanh_scaled: bool = False, gamma: float = 2.0) -> Tensor:
     """Divide each map of a (K, h, w) stack by its own maximum; optionally apply ``tanh(gamma * m)``.
 
     Maps are non-negative (they come after a ReLU); a map whose maximum is 0 stays 0. The result
-    lies in [0, 1] (``scale=True`` is the paper's treatment of shallow layers, eq. 9).
+    lies in [0, 1] (``tanh_scaled=True`` is the paper's treatment of shallow layers, eq. 9).
     """
     peak = maps.amax(dim=(-2, -1), keepdim=True) if maps.numel() else maps.new_ones(())
     normalized = maps / torch.where(peak > 0, peak, torch.ones_like(peak))
-    return torch.tanh(gamma * normalized) if scale else normalized
+    return torch.tanh(gamma * normalized) if tanh_scaled else normalized
 
 
-def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], scaled: Sequence[bool], gamma: float = 2.0) -> Tensor:
+def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], tanh_scaled: Sequence[bool], gamma: float = 2.0) -> Tensor:
     """Fuse the per-layer maps of ONE image into (K, H, W) maps in [0, 1] (LayerCAM eq. 9).
 
     Args:
         maps: one (K, h_l, w_l) tensor per layer, the same K classes in the same order.
         size: (H, W) of the output, normally the image size.
-        scaled: per layer, whether to apply ``tanh(gamma * m)`` after dividing by the maximum
-            (the paper does this for shallow stages 1-3).
+        tanh_scaled: per layer, whether to apply ``tanh(gamma * m)`` after dividing by the
+            maximum (the paper does this for shallow stages 1-3; callers that name layers call
+            that set ``scaled_layers``).
         gamma: the tanh scale (paper: 2).
 
     Each layer's map is normalised by :func:`normalize_maps`, upsampled bilinearly
@@ -141,14 +142,14 @@ def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], scaled: Sequence[bo
     """
     if not maps:
         raise ValueError("fuse_cams needs at least one layer's maps")
-    if len(scaled) != len(maps):
-        raise ValueError(f"scaled has {len(scaled)} entries for {len(maps)} layers")
+    if len(tanh_scaled) != len(maps):
+        raise ValueError(f"tanh_scaled has {len(tanh_scaled)} entries for {len(maps)} layers")
     counts = {m.shape[0] for m in maps}
     if len(counts) != 1 or any(m.ndim != 3 for m in maps):
         raise ValueError(f"every layer needs a (K, h, w) tensor with the same K, got shapes {[tuple(m.shape) for m in maps]}")
     fused: Tensor | None = None
-    for layer_maps, scale in zip(maps, scaled):
-        layer = _resize(normalize_maps(layer_maps, scale=bool(scale), gamma=gamma), size)
+    for layer_maps, scaled in zip(maps, tanh_scaled):
+        layer = _resize(normalize_maps(layer_maps, tanh_scaled=bool(scaled), gamma=gamma), size)
         fused = layer if fused is None else torch.maximum(fused, layer)
     assert fused is not None
     return fused

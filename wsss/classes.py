@@ -1,4 +1,10 @@
-"""PASCAL VOC class names and colours, defined once for the whole package."""
+"""PASCAL VOC class names and colours, defined once for the whole package.
+
+Words used throughout: ``class_ids`` are 0-based indices into the 20 classes (the classifier's
+logits); ``classes`` are label values 1..20 (as in masks and CAM files); a ``multi_hot`` is the
+(20,) image-level vector; a ``label_map`` is an (H, W) uint8 map of label values (0 background,
+255 ignored).
+"""
 from __future__ import annotations
 
 # The 20 foreground classes in VOC order; mask value = index + 1.
@@ -12,6 +18,14 @@ NUM_CLASSES = len(CLASS_NAMES)  # classifier outputs
 LABEL_NAMES: tuple[str, ...] = ("background",) + CLASS_NAMES
 NUM_LABELS = len(LABEL_NAMES)  # segmenter outputs, confusion-matrix size
 IGNORE_INDEX = 255
+
+
+def class_ids_of(multi_hot) -> list[int]:
+    """The 0-based class indices (into CLASS_NAMES and the classifier's logits) set in a (20,)
+    multi-hot vector (NumPy array or tensor); the label value of index i is i + 1."""
+    import numpy as np
+
+    return [int(i) for i in np.flatnonzero(np.asarray(multi_hot) > 0.5)]
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:

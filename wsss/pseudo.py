@@ -55,19 +55,19 @@ def _check_cams(cams: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.nda
         low, high = float(cams.min()), float(cams.max())
         if low < 0.0 or high > 1.0:
             raise ValueError(f"cams must lie in [0, 1], found values in [{low:g}, {high:g}]")
-    labels = np.asarray(classes)
-    if labels.ndim != 1:
-        raise ValueError(f"classes must be a 1-D sequence of label values, got shape {labels.shape}")
-    if len(labels) != cams.shape[0]:
-        raise ValueError(f"got {len(labels)} classes for {cams.shape[0]} CAMs")
-    if labels.size:
-        if labels.dtype.kind not in "iu":
-            raise ValueError(f"classes must be integers, got dtype {labels.dtype}")
-        if labels.min() < 1 or labels.max() > NUM_CLASSES:
-            raise ValueError(f"class values must be in 1..{NUM_CLASSES}, got {labels.tolist()}")
-        if len(np.unique(labels)) != len(labels):
-            raise ValueError(f"classes must be distinct, got {labels.tolist()}")
-    return labels.astype(np.uint8)
+    class_values = np.asarray(classes)
+    if class_values.ndim != 1:
+        raise ValueError(f"classes must be a 1-D sequence of label values, got shape {class_values.shape}")
+    if len(class_values) != cams.shape[0]:
+        raise ValueError(f"got {len(class_values)} classes for {cams.shape[0]} CAMs")
+    if class_values.size:
+        if class_values.dtype.kind not in "iu":
+            raise ValueError(f"classes must be integers, got dtype {class_values.dtype}")
+        if class_values.min() < 1 or class_values.max() > NUM_CLASSES:
+            raise ValueError(f"class values must be in 1..{NUM_CLASSES}, got {class_values.tolist()}")
+        if len(np.unique(class_values)) != len(class_values):
+            raise ValueError(f"classes must be distinct, got {class_values.tolist()}")
+    return class_values.astype(np.uint8)
 
 
 def slic_segments(image: np.ndarray, **slic_kwargs: Any) -> np.ndarray:
@@ -118,17 +118,17 @@ def superpixel_labels(
             :func:`slic_segments` is run with ``slic_kwargs``.
 
     Returns:
-        (H, W) uint8 labels with values in {0} ∪ ``classes``.
+        (H, W) uint8 label map with values in {0} ∪ ``classes``.
     """
     _check_image(image)
-    labels = _check_cams(cams, classes)
+    class_values = _check_cams(cams, classes)
     height, width = image.shape[:2]
     if cams.shape[1:] != (height, width):
         raise ValueError(f"cams have spatial shape {cams.shape[1:]}, image has {(height, width)}")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
     if segments is None:
-        if len(labels) == 0:
+        if len(class_values) == 0:
             return np.zeros((height, width), dtype=np.uint8)  # no class to vote for: skip SLIC
         segments = slic_segments(image, **slic_kwargs)
     elif slic_kwargs:
@@ -139,7 +139,7 @@ def superpixel_labels(
     if segments.dtype.kind not in "iu":
         raise ValueError(f"segments must hold integer ids, got dtype {segments.dtype}")
 
-    if len(labels) == 0:
+    if len(class_values) == 0:
         return np.zeros((height, width), dtype=np.uint8)
 
     seg, num_bins = _contiguous_segments(segments)
@@ -151,7 +151,7 @@ def superpixel_labels(
     means = sums / np.maximum(counts, 1)  # empty bins (unused ids) are never looked up
     best = means.argmax(axis=0)  # argmax returns the first maximum: earlier class wins ties
     best_score = means[best, np.arange(num_bins)]
-    lut = np.where(best_score < threshold, 0, labels[best]).astype(np.uint8)
+    lut = np.where(best_score < threshold, 0, class_values[best]).astype(np.uint8)
     return lut[seg].reshape(height, width)
 
 
@@ -166,19 +166,19 @@ def cam_best_class(
         (H, W) uint8 class value of that maximum (first class in ``classes`` on ties; 0 if K = 0).
         Pass them to :func:`seed_labels_from_best` for each threshold.
     """
-    labels = _check_cams(cams, classes)
+    class_values = _check_cams(cams, classes)
     height, width = cams.shape[1:]
-    if len(labels) == 0:
+    if len(class_values) == 0:
         return np.zeros((height, width), cams.dtype), np.zeros((height, width), np.uint8)
     best = cams.argmax(axis=0)
     best_score = np.take_along_axis(cams, best[None], axis=0)[0]
-    return best_score, labels[best]
+    return best_score, class_values[best]
 
 
 def seed_labels_from_best(
     best_score: np.ndarray, best_label: np.ndarray, bg_threshold: float
 ) -> np.ndarray:
-    """CAM seed labels from :func:`cam_best_class`: the class where its score > ``bg_threshold``.
+    """CAM seed label map from :func:`cam_best_class`: the class where its score > ``bg_threshold``.
 
     Equivalent to argmax over [background = bg_threshold, class maps] with background listed
     first, so a score equal to the threshold is background (the field's convention; note it is

@@ -100,16 +100,16 @@ def cam_overlay(image: np.ndarray | None, cam: np.ndarray) -> np.ndarray:
     return blend(image, heat, CAM_ALPHA)
 
 
-def label_overlay(image: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+def label_overlay(image: np.ndarray | None, label_map: np.ndarray) -> np.ndarray:
     """VOC colours of a (H, W) label map blended over the image (background dims it)."""
-    colours = _COLOURS[labels]
+    colours = _COLOURS[label_map]
     if image is None:
         return colours
     return blend(image, colours, LABEL_ALPHA)
 
 
-def present_classes(labels: np.ndarray) -> list[str]:
-    values = np.flatnonzero(np.bincount(labels.reshape(-1), minlength=256)[1:len(LABEL_NAMES)]) + 1
+def present_classes(label_map: np.ndarray) -> list[str]:
+    values = np.flatnonzero(np.bincount(label_map.reshape(-1), minlength=256)[1:len(LABEL_NAMES)]) + 1
     return [LABEL_NAMES[v] for v in values]
 
 
@@ -278,10 +278,10 @@ def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list
                 cam = _resize_to(cam, size, nearest=False) if size else cam
                 tiles.append(fit_tile(cam_overlay(image, cam), tile, f"{title}: {name}"))
             else:
-                labels = read_label_png(path, check_values=False)
-                labels = _resize_to(labels, size, nearest=True) if size else labels
-                names = present_classes(labels)
-                tiles.append(fit_tile(label_overlay(image, labels), tile, ", ".join(names) or "background only"))
+                label_map = read_label_png(path, check_values=False)
+                label_map = _resize_to(label_map, size, nearest=True) if size else label_map
+                names = present_classes(label_map)
+                tiles.append(fit_tile(label_overlay(image, label_map), tile, ", ".join(names) or "background only"))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop a report
             if not isinstance(exc, FileNotFoundError):
                 log.warning("%s: %s for %s: %s", image_id, title, path, exc)

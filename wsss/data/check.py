@@ -14,7 +14,7 @@ from wsss.formats.images import read_image
 from wsss.formats.label_png import check_mask_size, read_label_png
 
 
-def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:
+def check_one(layout: VOCLayout, image_labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:
     """Problems of one image as (kind, message); empty when all is well."""
     problems: list[tuple[str, str]] = []
     try:
@@ -32,11 +32,11 @@ def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tup
                 check_mask_size(mask_path, mask.shape, layout.image_path(image_id), image.shape)
             except DataError as exc:
                 problems.append(("mask size", str(exc)))
-    if labels.kind == "masks" and problems:
+    if image_labels.kind == "masks" and problems:
         return problems  # the labels would be read from the mask just reported: no second message
     try:
-        if not labels(image_id).any():
-            problems.append(("no labels", f"{image_id}: no image-level class ({labels.description}); CAM stages write K=0 for it"))
+        if not image_labels(image_id).any():
+            problems.append(("no labels", f"{image_id}: no image-level class ({image_labels.description}); CAM stages write K=0 for it"))
     except DataError as exc:
         problems.append(("labels", str(exc)))
     return problems
@@ -45,8 +45,8 @@ def check_one(layout: VOCLayout, labels: ImageLabels, image_id: str) -> list[tup
 def _check_chunk(args: tuple[str, str, str, list[str]]) -> list[tuple[str, str, str]]:
     root, mask_dir, label_source, ids = args
     layout = VOCLayout(root, mask_dir)
-    labels = ImageLabels(layout, label_source)
-    return [(image_id, kind, message) for image_id in ids for kind, message in check_one(layout, labels, image_id)]
+    image_labels = ImageLabels(layout, label_source)
+    return [(image_id, kind, message) for image_id in ids for kind, message in check_one(layout, image_labels, image_id)]
 
 
 def main(argv: list[str]) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     layout = VOCLayout(resolve_data_root(args.root))
-    labels = ImageLabels(layout, args.labels)
+    image_labels = ImageLabels(layout, args.labels)
     splits = args.split or sorted(p.stem for p in (layout.root / "ImageSets" / "Segmentation").glob("*.txt"))
     if not splits:
         raise DataError(f"no list files in {layout.root / 'ImageSets' / 'Segmentation'}; pass --split")
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
             problems += found
             bar.update(len(chunk))
 
-    print(f"\n{layout.root}: {len(ids)} images in {', '.join(map(str, splits))}; labels from {labels.description}")
+    print(f"\n{layout.root}: {len(ids)} images in {', '.join(map(str, splits))}; labels from {image_labels.description}")
     if not problems:
         print("no problems found")
         return 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -14,10 +13,10 @@ from wsss.formats.label_png import check_mask_size, read_label_png
 
 
 class ClassificationDataset(Dataset):
-    """``{"id", "image" (3,h,w) float, "labels" (20,) float}`` for training the classifier."""
+    """``{"id", "image" (3,h,w) float, "multi_hot" (20,) float}`` for training the classifier."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], labels: ImageLabels, transform: Callable):
-        self.layout, self.ids, self.labels, self.transform = layout, ids, labels, transform
+    def __init__(self, layout: VOCLayout, ids: list[str], image_labels: ImageLabels, transform: Callable):
+        self.layout, self.ids, self.image_labels, self.transform = layout, ids, image_labels, transform
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -25,7 +24,7 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = self.transform(*to_tv(read_image(self.layout.image_path(image_id))))
-        return {"id": image_id, "image": image, "labels": torch.from_numpy(self.labels(image_id))}
+        return {"id": image_id, "image": image, "multi_hot": torch.from_numpy(self.image_labels(image_id))}
 
 
 class SegmentationDataset(Dataset):
@@ -52,10 +51,10 @@ class SegmentationDataset(Dataset):
 
 class ImageDataset(Dataset):
     """Full-size images for predict stages: ``{"id", "image" (3,H,W) float normalised, "size" (H, W),
-    "labels" (20,) float}`` (labels only when an ``ImageLabels`` is given)."""
+    "multi_hot" (20,) float}`` (``multi_hot`` only when ``image_labels`` are given)."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], transform: Callable, labels: ImageLabels | None = None):
-        self.layout, self.ids, self.transform, self.labels = layout, ids, transform, labels
+    def __init__(self, layout: VOCLayout, ids: list[str], transform: Callable, image_labels: ImageLabels | None = None):
+        self.layout, self.ids, self.transform, self.image_labels = layout, ids, transform, image_labels
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,8 +63,8 @@ class ImageDataset(Dataset):
         image_id = self.ids[index]
         image = read_image(self.layout.image_path(image_id))
         item = {"id": image_id, "image": self.transform(*to_tv(image)), "size": tuple(image.shape[:2])}
-        if self.labels is not None:
-            item["labels"] = torch.from_numpy(self.labels(image_id))
+        if self.image_labels is not None:
+            item["multi_hot"] = torch.from_numpy(self.image_labels(image_id))
         return item
 
 
@@ -79,8 +78,3 @@ def collate_list(batch: list[dict]) -> dict:
         else:
             out[key] = values
     return out
-
-
-def labels_to_class_ids(labels: torch.Tensor | np.ndarray) -> list[int]:
-    """Multi-hot (20,) → 0-based class indices present."""
-    return [int(i) for i in np.flatnonzero(np.asarray(labels) > 0.5)]

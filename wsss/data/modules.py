@@ -115,15 +115,15 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         layout = VOCLayout(resolve_data_root(hp.root))
-        labels = ImageLabels(layout, hp.labels)
+        image_labels = ImageLabels(layout, hp.labels)
         # Validate everything up front, so a bad dataset fails before the first step, not hours in.
         train_ids, val_ids = layout.read_ids(hp.train_split), layout.read_ids(hp.val_split)
         for ids in (train_ids, val_ids):
             layout.check_images(ids)
-            labels.check(ids)
-        log.info("classifier data: %s, %d train / %d val images, labels from %s", layout.root, len(train_ids), len(val_ids), labels.description)
-        self.train_set = ClassificationDataset(layout, train_ids, labels, train_transform(hp.crop_size, tuple(hp.scale_range), True, hp.color_jitter))
-        self.val_set = ClassificationDataset(layout, val_ids, labels, fit_transform(hp.crop_size))
+            image_labels.check(ids)
+        log.info("classifier data: %s, %d train / %d val images, labels from %s", layout.root, len(train_ids), len(val_ids), image_labels.description)
+        self.train_set = ClassificationDataset(layout, train_ids, image_labels, train_transform(hp.crop_size, tuple(hp.scale_range), True, hp.color_jitter))
+        self.val_set = ClassificationDataset(layout, val_ids, image_labels, fit_transform(hp.crop_size))
 
     def _loader(self, dataset, shuffle: bool, sampler: DistributedSampler | None = None) -> DataLoader:
         hp = self.hparams

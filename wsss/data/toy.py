@@ -147,8 +147,8 @@ def render_toy_image(rng: np.random.Generator, height: int, width: int) -> tuple
     """One (H, W, 3) uint8 image and its (H, W) uint8 mask (0 background, 255 object borders)."""
     image = _background(height, width, rng)
     mask = np.zeros((height, width), dtype=np.uint8)
-    labels = list(TOY_CLASSES)
-    chosen = rng.choice(labels, size=int(rng.integers(1, 4)), replace=False)
+    classes = list(TOY_CLASSES)
+    chosen = rng.choice(classes, size=int(rng.integers(1, 4)), replace=False)
     objects = list(chosen) + list(rng.choice(chosen, size=int(rng.integers(0, 2))))
     for label in objects:
         size = rng.uniform(0.3, 0.75) * min(height, width)
@@ -172,14 +172,14 @@ def render_toy_image(rng: np.random.Generator, height: int, width: int) -> tuple
     return image, mask
 
 
-def _annotation_xml(image_id: str, width: int, height: int, labels: list[int]) -> bytes:
+def _annotation_xml(image_id: str, width: int, height: int, classes: list[int]) -> bytes:
     root = ET.Element("annotation")
     ET.SubElement(root, "filename").text = f"{image_id}.jpg"
     size = ET.SubElement(root, "size")
     for key, value in (("width", width), ("height", height), ("depth", 3)):
         ET.SubElement(size, key).text = str(value)
-    for label in labels:
-        ET.SubElement(ET.SubElement(root, "object"), "name").text = CLASS_NAMES[label - 1]
+    for value in classes:
+        ET.SubElement(ET.SubElement(root, "object"), "name").text = CLASS_NAMES[value - 1]
     return ET.tostring(root)
 
 

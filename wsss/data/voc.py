@@ -127,16 +127,16 @@ def read_id_list(path: str | Path) -> list[str]:
     return ids
 
 
-def labels_from_mask(mask: np.ndarray) -> np.ndarray:
+def multi_hot_from_mask(mask: np.ndarray) -> np.ndarray:
     """Multi-hot (20,) float32 of the classes present in a mask (values 1..20; 0 and 255 ignored)."""
-    values = np.unique(mask)
-    values = values[(values != 0) & (values != IGNORE_INDEX)]
-    labels = np.zeros(NUM_CLASSES, dtype=np.float32)
-    labels[values.astype(np.int64) - 1] = 1.0
-    return labels
+    classes = np.unique(mask)
+    classes = classes[(classes != 0) & (classes != IGNORE_INDEX)]
+    multi_hot = np.zeros(NUM_CLASSES, dtype=np.float32)
+    multi_hot[classes.astype(np.int64) - 1] = 1.0
+    return multi_hot
 
 
-def labels_from_annotation(path: Path) -> np.ndarray:
+def multi_hot_from_annotation(path: Path) -> np.ndarray:
     """Multi-hot (20,) float32 of the object classes named in a VOC annotation XML."""
     try:
         tree = ET.parse(path)
@@ -144,13 +144,13 @@ def labels_from_annotation(path: Path) -> np.ndarray:
         raise DataError(f"{path}: annotation file not found") from None
     except (ET.ParseError, OSError) as exc:
         raise DataError(f"{path}: unreadable annotation XML ({exc})") from None
-    labels = np.zeros(NUM_CLASSES, dtype=np.float32)
+    multi_hot = np.zeros(NUM_CLASSES, dtype=np.float32)
     for name in tree.getroot().iter("name"):
         # <name> also appears inside <part> of person layouts; only object names are classes.
         text = (name.text or "").strip()
         if text in CLASS_NAMES:
-            labels[CLASS_NAMES.index(text)] = 1.0
-    return labels
+            multi_hot[CLASS_NAMES.index(text)] = 1.0
+    return multi_hot
 
 
 def _irn_key(image_id: str) -> int | None:
@@ -216,11 +216,11 @@ class ImageLabels:
                 raise DataError(f"{image_id}: entry in {self.description} has {row.size} values, expected {NUM_CLASSES}")
             return row
         if self.kind == "annotations":
-            return labels_from_annotation(self.path_of(image_id))
+            return multi_hot_from_annotation(self.path_of(image_id))
         mask_path = self.path_of(image_id)
         mask = read_label_png(mask_path)
         # The classes of another image's mask would be silently wrong labels: compare sizes
         # (the image's header only, no decoding).
         image_path = self.layout.image_path(image_id)
         check_mask_size(mask_path, mask.shape, image_path, image_size(image_path))
-        return labels_from_mask(mask)
+        return multi_hot_from_mask(mask)

@@ -53,15 +53,20 @@ class CAMClassifier(nn.Module):
         freeze_stages(self.features, frozen_stages, batch_norm)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Head feature map at 1/16 resolution, before pooling."""
-        return self.head(self.features(images))
+        """The trunk's feature map: conv5_3 after its ReLU, at 1/16 resolution."""
+        return self.features(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) from trunk features: 3x3 conv + ReLU, global average pooling, linear."""
+        head = self.head(features)
         # Pooling and the linear layer in float32 even under bf16 autocast: they cost nothing, and
         # bf16 logits (3 significant digits) would tie images in the ranking mAP is computed from.
-        pooled = self.forward_features(images).to(self.classifier.weight.dtype).mean(dim=(2, 3))
-        with torch.autocast(images.device.type, enabled=False):
+        pooled = head.to(self.classifier.weight.dtype).mean(dim=(2, 3))
+        with torch.autocast(features.device.type, enabled=False):
             return self.classifier(pooled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters not initialised from ImageNet (trained at a higher learning rate)."""

@@ -176,12 +176,20 @@ class DeepLabLargeFOV(nn.Module):
                 )
         self.load_state_dict(fc, strict=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes, h, w), h = ceil-pooled H/8 (321 -> 41); upsample for the loss."""
-        x = self.pool5a(self.pool5(self.features(images)))
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map: conv5_3 (dilated) after its ReLU, at 1/8 resolution."""
+        return self.features(images)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from trunk features: pool5 (max, then average), fc6 (dilation 12), fc7, fc8."""
+        x = self.pool5a(self.pool5(features))
         x = self.drop6(self.relu6(self.fc6(x)))
         x = self.drop7(self.relu7(self.fc7(x)))
         return self.fc8(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes, h, w), h = ceil-pooled H/8 (321 -> 41); upsample for the loss."""
+        return self.forward_head(self.forward_features(images))
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split as DeepLab's Caffe solver treats them (see ``LR_MULTIPLIERS``).

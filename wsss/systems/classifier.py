@@ -87,14 +87,14 @@ class ClassifierSystem(pl.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = F.multilabel_soft_margin_loss(self(batch["image"]), batch["labels"])
+        loss = F.multilabel_soft_margin_loss(self(batch["image"]), batch["multi_hot"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
-        targets = batch["labels"].long()
-        self.log("val/loss", F.multilabel_soft_margin_loss(logits, batch["labels"]), sync_dist=True, batch_size=len(batch["id"]))
+        targets = batch["multi_hot"].long()
+        self.log("val/loss", F.multilabel_soft_margin_loss(logits, batch["multi_hot"]), sync_dist=True, batch_size=len(batch["id"]))
         self.val_metrics["ap"].update(logits.sigmoid(), targets)
         self.val_metrics["f1"].update(logits.sigmoid(), targets)
         self.val_metrics["positives"].update(targets)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps, resolve_layers
-from wsss.data.datasets import labels_to_class_ids
+from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
 from wsss.segmentation import dense_crf, denormalize, image_probabilities
 
@@ -67,7 +67,7 @@ class CamPredictor(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         images = list(batch["image"]) if isinstance(batch["image"], list) else list(batch["image"].unbind(0))
-        class_ids = [labels_to_class_ids(labels.cpu()) for labels in batch["labels"]]
+        class_ids = [class_ids_of(multi_hot.cpu()) for multi_hot in batch["multi_hot"]]
         per_view = [self._view_maps(images, class_ids, scale, flipped) for scale, flipped in self.views]
         results = []
         for index, (image_id, size) in enumerate(zip(batch["id"], batch["size"])):
