@@ -147,34 +147,8 @@ class DeepLabLargeFOV(nn.Module):
             nn.init.zeros_(conv.bias)
         nn.init.normal_(self.fc8.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fc8.bias)
-        self._load_weights(weights)
+        _initialise_from(self, weights)
         freeze_stages(self.features, frozen_stages, batch_norm)
-
-    def _load_weights(self, weights: str | Path) -> None:
-        text = str(weights)
-        if text.startswith(CLASSIFIER_WEIGHTS_SCHEME):
-            path = text[len(CLASSIFIER_WEIGHTS_SCHEME):]
-            trunk = backbone_from_classifier_checkpoint(path)
-            load_trunk_weights(self.features, trunk, source=f"classifier checkpoint {path}")
-            return
-        state = load_vgg16_state_dict(weights)
-        if state is None:
-            return
-        load_trunk_weights(self.features, state, source=text)
-        if not any(key.startswith(VGG_FC_PREFIX) for key in state):
-            # Conv-only VGG16 files (Keras/ONNX conversions, feature extractors) have no fc6/fc7 to
-            # decimate: the trunk is still ImageNet's, fc6/fc7 keep their random initialisation.
-            log.warning("%s has no ImageNet fc6/fc7 ('%s*' keys): DeepLab's fc6/fc7 are initialised randomly", text, VGG_FC_PREFIX)
-            return
-        fc = decimate_vgg_fc(state)
-        own = self.state_dict()
-        for key, value in fc.items():
-            if value.shape != own[key].shape:
-                raise WeightsError(
-                    f"{text}: decimated ImageNet {key} has shape {tuple(value.shape)} but this network needs "
-                    f"{tuple(own[key].shape)}; ImageNet weights need width=1.0."
-                )
-        self.load_state_dict(fc, strict=False)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The trunk's feature map: conv5_3 (dilated) after its ReLU, at 1/8 resolution."""
@@ -216,3 +190,31 @@ class DeepLabLargeFOV(nn.Module):
              "weight_decay": weight_decay * WEIGHT_DECAY_MULTIPLIERS[name], "name": name}
             for name, params in self.param_groups().items()
         ]
+
+
+def _initialise_from(model: DeepLabLargeFOV, weights: str | Path) -> None:
+    """Copy the pretrained weights ``weights`` names into ``model`` (see the module docstring)."""
+    text = str(weights)
+    if text.startswith(CLASSIFIER_WEIGHTS_SCHEME):
+        path = text[len(CLASSIFIER_WEIGHTS_SCHEME):]
+        trunk = backbone_from_classifier_checkpoint(path)
+        load_trunk_weights(model.features, trunk, source=f"classifier checkpoint {path}")
+        return
+    state = load_vgg16_state_dict(weights)
+    if state is None:
+        return
+    load_trunk_weights(model.features, state, source=text)
+    if not any(key.startswith(VGG_FC_PREFIX) for key in state):
+        # Conv-only VGG16 files (Keras/ONNX conversions, feature extractors) have no fc6/fc7 to
+        # decimate: the trunk is still ImageNet's, fc6/fc7 keep their random initialisation.
+        log.warning("%s has no ImageNet fc6/fc7 ('%s*' keys): DeepLab's fc6/fc7 are initialised randomly", text, VGG_FC_PREFIX)
+        return
+    fc = decimate_vgg_fc(state)
+    own = model.state_dict()
+    for key, value in fc.items():
+        if value.shape != own[key].shape:
+            raise WeightsError(
+                f"{text}: decimated ImageNet {key} has shape {tuple(value.shape)} but this network needs "
+                f"{tuple(own[key].shape)}; ImageNet weights need width=1.0."
+            )
+    model.load_state_dict(fc, strict=False)
