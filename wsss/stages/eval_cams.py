@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
-from wsss.data.voc import read_id_list
 from wsss.errors import ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, list_cam_ids, read_cams
 from wsss.formats.label_png import missing_label_pngs, read_label_png
-from wsss.io import ensure_output_file, write_json
+from wsss.io import write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
 from wsss.parallel import sum_in_chunks
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
@@ -119,21 +117,16 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
-    parser.add_argument("--list", type=Path, default=None, help="file of ids (default: every CAM file in --cams)")
     parser.add_argument("--thresholds", default="0.05:0.60:0.05", help="START:STOP:STEP (STOP included) or a comma list; 0.3 is always added")
     parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")
-    parser.add_argument("--json", type=Path, default=None, help="also write per-threshold scores to this JSON file")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    options.add_evaluation_arguments(parser, list_help="file of ids (default: every CAM file in --cams)",
+                                     json_help="also write per-threshold scores to this JSON file", workers_help="worker processes (default: all CPUs)")
     args = parser.parse_args(argv)
-    options.check_at_least("--workers", args.workers, 1)
+    options.check_evaluation_arguments(args)
     thresholds = parse_thresholds(args.thresholds)
-    if args.json is not None:
-        ensure_output_file(args.json, "--json file")
 
     start = time.perf_counter()
-    ids = read_id_list(args.list) if args.list is not None else list_cam_ids(args.cams)
-    if not ids:
-        raise DataError(f"no CAM files in {args.cams}; pass --list")
+    ids = options.listed_ids(args.list, args.cams, list_cam_ids, "CAM")
     results = evaluate_cams(args.cams, args.gt, ids, thresholds, key=args.key, workers=args.workers, progress=True)
     best = best_threshold(results)
     print(threshold_table(results))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
-from wsss.data.voc import read_id_list
 from wsss.errors import DataError, name_some
 from wsss.formats.label_png import list_label_ids, missing_label_pngs, read_label_png
-from wsss.io import ensure_output_file, write_json
+from wsss.io import write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
 from wsss.parallel import sum_in_chunks
 from wsss.stages import options
@@ -95,19 +93,14 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--pred", required=True, type=Path, help="folder of <id>.png predictions (index or palette PNGs)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks (e.g. VOC2012/SegmentationClass)")
-    parser.add_argument("--list", type=Path, default=None, help="file of ids to evaluate (default: every PNG in --gt)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a prediction (reported) instead of failing")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all CPUs)")
+    options.add_evaluation_arguments(parser, list_help="file of ids to evaluate (default: every PNG in --gt)",
+                                     json_help="also write the scores to this JSON file", workers_help="decoding processes (default: all CPUs)")
     args = parser.parse_args(argv)
-    options.check_at_least("--workers", args.workers, 1)
-    if args.json is not None:
-        ensure_output_file(args.json, "--json file")
+    options.check_evaluation_arguments(args)
 
     start = time.perf_counter()
-    ids = read_id_list(args.list) if args.list is not None else list_label_ids(args.gt)
-    if not ids:
-        raise DataError(f"no png files in {args.gt}; pass --list")
+    ids = options.listed_ids(args.list, args.gt, list_label_ids, "png")
     missing = missing_label_pngs(args.pred, ids)
     if missing and not args.skip_missing:
         raise DataError(f"{len(missing)} of {len(ids)} ids have no prediction in {args.pred}: {name_some(missing)} "
