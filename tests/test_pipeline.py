@@ -190,6 +190,24 @@ def test_config_values_are_checked_before_any_stage(tmp_path, toy_root, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_training_sections_merge_over_the_stage_yaml_and_the_run_sets_its_paths(tmp_path, toy_root):
+    from wsss.pipeline import load_config
+    from wsss.pipeline.steps import Run
+
+    out = tmp_path / "out"
+    path = tiny_config(tmp_path / "pipeline.yaml", toy_root, out)
+    pipeline = yaml.safe_load(path.read_text())
+    pipeline["classifier"] = {"config": str(CONFIGS / "classifier.yaml"), "model": {"width": 0.125}, "data.batch_size": 3,
+                              "data": {"crop_size": 48, "root": "elsewhere"}, "checkpoint": {"dirpath": "elsewhere"}}
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))  # the dotted key before its section, as a user may write it
+    config = Run(load_config(path), out, toy_root).classifier_config()
+    stage_yaml = yaml.safe_load((CONFIGS / "classifier.yaml").read_text())
+    assert config["data"]["batch_size"] == 3 and config["data"]["crop_size"] == 48  # dotted and nested keys both kept
+    assert config["data"]["scale_range"] == stage_yaml["data"]["scale_range"] and config["model"]["width"] == 0.125
+    assert config["data"]["root"] == str(toy_root) and config["checkpoint"]["dirpath"] == str(out / "classifier")  # the run's paths win
+    assert config["trainer"]["logger"] == {"init_args": {"save_dir": str(out / "logs")}} and "ckpt_path" not in config
+
+
 def test_killed_during_cams_resumes_with_valid_files(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     root = Path(json.loads((out / "results.json").read_text())["data_root"])

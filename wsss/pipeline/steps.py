@@ -53,7 +53,7 @@ def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
         target = nested
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[last] = _nested(value) if isinstance(value, Mapping) else value
+        target[last] = _merged(target.get(last, {}), _nested(value)) if isinstance(value, Mapping) else value
     return nested
 
 
