@@ -7,6 +7,8 @@ logits); ``classes`` are label values 1..20 (as in masks and CAM files); a ``mul
 """
 from __future__ import annotations
 
+import numpy as np
+
 # The 20 foreground classes in VOC order; mask value = index + 1.
 CLASS_NAMES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -23,8 +25,6 @@ IGNORE_INDEX = 255
 def class_ids_of(multi_hot) -> list[int]:
     """The 0-based class indices (into CLASS_NAMES and the classifier's logits) set in a (20,)
     multi-hot vector (NumPy array or tensor); the label value of index i is i + 1."""
-    import numpy as np
-
     return [int(i) for i in np.flatnonzero(np.asarray(multi_hot) > 0.5)]
 
 
