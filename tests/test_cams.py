@@ -343,3 +343,37 @@ def test_layer_that_does_not_reach_the_logits_is_an_error():
 
     with pytest.raises(ValueError, match="do not depend on the hooked layers"):
         compute_cams(DetachedHead().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), [[0]], ["conv2"])
+
+
+def test_several_methods_from_one_pass_equal_separate_calls():
+    """compute_cam_sets gives, for every method at every layer, what a separate compute_cams call gives."""
+    from wsss.cams import compute_cam_sets
+
+    model = make_classifier()
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 64, 80, dtype=torch.float64)
+    class_ids = [[3, 7], [], [1, 4, 19]]
+    requests = {"layercam": ["stage3", "stage4", "stage5"], "gradcam": ["stage5"], "gradcam++": ["stage4", "stage5"]}
+    together = compute_cam_sets(model, images, class_ids, requests)
+    assert list(together) == list(requests)
+    for method, layers in requests.items():
+        alone = compute_cams(model, images, class_ids, layers, method)
+        assert list(together[method]) == layers
+        for layer in layers:
+            for ours, reference in zip(together[method][layer], alone[layer]):
+                assert ours.shape == reference.shape
+                assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
+                assert torch.equal(ours, reference)  # the same gradients: bit for bit
+
+
+def test_several_methods_cost_one_forward_and_one_backward_per_class_slot(monkeypatch):
+    from wsss.cams import compute_cam_sets
+
+    model = make_classifier()
+    forwards, backwards = [], []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backwards.append(1) or real_grad(*a, **k))
+    compute_cam_sets(model, torch.randn(2, 3, 48, 48, dtype=torch.float64), [[0, 5], [2]],
+                     {"layercam": ["stage3", "stage5"], "gradcam": "stage5", "gradcam++": "stage5"})
+    assert len(forwards) == 1 and len(backwards) == 2
