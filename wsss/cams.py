@@ -52,12 +52,13 @@ def compute_cams(
         (len(class_ids[n]), h, w) tensor at the layer's own resolution, in ``class_ids[n]`` order,
         after the final ReLU and before any normalisation (``(0, h, w)`` for an empty class list).
 
-    Cost: one forward pass for the whole batch, then ``max_n len(class_ids[n])`` backward passes,
-    each giving the gradients of every image's k-th class at once (images in a batch are
-    independent, so the gradient of a sum of per-image scores is the per-image gradients). Each
-    backward touches every image of the batch, so batching images with equal numbers of classes
-    avoids wasted work. Parameters never receive gradients and nothing before the shallowest hooked
-    layer is recorded for autograd, so that part of the forward costs what inference costs.
+    Cost: images are grouped by their number of classes K; each group takes one forward pass and
+    K backward passes, backward k giving the gradients of every image's k-th class at once (images
+    are independent, so the gradient of a sum of per-image scores is the per-image gradients). So
+    every image costs one forward and one activation-gradient backward per class, as if it were
+    alone, with the batch's parallelism; images without classes cost nothing. Parameters never
+    receive gradients and nothing before the shallowest hooked layer is recorded for autograd, so
+    that part of the forward costs what inference costs.
     :func:`compute_cam_sets` gives several methods from the same passes.
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (it enables grad internally).
@@ -117,12 +118,30 @@ def compute_cam_sets(
             at = methods_at.setdefault(module_names[layer], [])
             if method not in at:
                 at.append(method)
+    # A backward for class slot k runs over every image of the forward, also those without a k-th
+    # class; so images are split by class count, each group one forward and its own backwards.
+    # Images without classes need no pass at all when another group gives the maps' size.
+    groups: dict[int, list[int]] = {}
+    for n, ids in enumerate(classes):
+        groups.setdefault(len(ids), []).append(n)
+    passes = [members for count, members in sorted(groups.items()) if count] or [list(range(len(classes)))]
+    maps: dict[tuple[str, str], list[Tensor | None]] = {}
     with torch.inference_mode(False), torch.enable_grad():
         if images.is_inference():
             # Inference tensors cannot take part in autograd; a normal copy can.
             images = images.clone()
-        activations, logits = _forward_with_hooks(model, images.detach(), list(methods_at))
-        maps = _maps_for_all_classes(activations, logits, classes, methods_at)
+        for members in passes:
+            batch = images if len(members) == len(classes) else images[members]
+            activations, logits = _forward_with_hooks(model, batch.detach(), list(methods_at))
+            for key, group_maps in _maps_for_all_classes(activations, logits, [classes[n] for n in members], methods_at).items():
+                slots = maps.setdefault(key, [None] * len(classes))
+                for n, image_maps in zip(members, group_maps):
+                    slots[n] = image_maps
+    for slots in maps.values():
+        size = next(m for m in slots if m is not None).shape[1:]
+        for n, image_maps in enumerate(slots):
+            if image_maps is None:  # an image without classes: (0, h, w)
+                slots[n] = images.new_zeros((0, *size))
     return {method: {layer: list(maps[method, module_names[layer]]) for layer in layers} for method, layers in wanted.items()}
 
 
