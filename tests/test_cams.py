@@ -150,14 +150,27 @@ def test_matches_per_image_autograd_on_custom_module_with_inplace_relu(method):
         assert not torch.allclose(ours["conv1"][0], ours["act1"][0])
 
 
-def test_one_forward_and_no_parameter_gradients():
+def test_one_forward_per_class_count_one_backward_per_class_and_no_parameter_gradients(monkeypatch):
     model = make_tiny()
-    calls = []
-    handle = model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
-    compute_cams(model, torch.randn(3, 3, 8, 8, dtype=torch.float64), [[0, 1, 2], [3], []], ["conv2"])
+    forwards, backwards = [], []
+    handle = model.register_forward_pre_hook(lambda module, inputs: forwards.append(inputs[0].shape[0]))
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda outputs, inputs, **kw: backwards.append(inputs[0].shape[0]) or real_grad(outputs, inputs, **kw))
+    class_ids = [[0, 1, 2], [3], [], [4], [2, 0, 1]]
+    compute_cams(model, torch.randn(5, 3, 8, 8, dtype=torch.float64), class_ids, ["conv2"])
     handle.remove()
-    assert calls == [3]
+    # Images 1 and 3 (one class) share a pass, 0 and 4 (three) another; image 2 (none) needs none.
+    assert forwards == [2, 2]
+    # Every backward runs over images that all have that class slot: 2 + 3 * 2 = 8 image-backwards,
+    # one per requested map, as if each image were alone.
+    assert backwards == [2, 2, 2, 2] and sum(backwards) == sum(map(len, class_ids))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_batch_without_any_class_still_gives_empty_maps_of_the_layer_size():
+    maps = compute_cams(make_tiny(), torch.randn(2, 3, 8, 10, dtype=torch.float64), [[], []], ["conv1", "conv2"])
+    assert [tuple(m.shape) for m in maps["conv1"]] == [(0, 8, 10)] * 2
+    assert [tuple(m.shape) for m in maps["conv2"]] == [(0, 4, 5)] * 2
 
 
 def _grad_cam_raw_maps(cam_class, model, layer_module, images, classes) -> np.ndarray:
@@ -371,3 +384,37 @@ def test_layer_that_does_not_reach_the_logits_is_an_error():
 
     with pytest.raises(ValueError, match="do not depend on the hooked layers"):
         compute_cams(DetachedHead().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64), [[0]], ["conv2"])
+
+
+def test_several_methods_from_one_pass_equal_separate_calls():
+    """compute_cam_sets gives, for every method at every layer, what a separate compute_cams call gives."""
+    from wsss.cams import compute_cam_sets
+
+    model = make_classifier()
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 64, 80, dtype=torch.float64)
+    class_ids = [[3, 7], [], [1, 4, 19]]
+    requests = {"layercam": ["stage3", "stage4", "stage5"], "gradcam": ["stage5"], "gradcam++": ["stage4", "stage5"]}
+    together = compute_cam_sets(model, images, class_ids, requests)
+    assert list(together) == list(requests)
+    for method, layers in requests.items():
+        alone = compute_cams(model, images, class_ids, layers, method)
+        assert list(together[method]) == layers
+        for layer in layers:
+            for ours, reference in zip(together[method][layer], alone[layer]):
+                assert ours.shape == reference.shape
+                assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
+                assert torch.equal(ours, reference)  # the same gradients: bit for bit
+
+
+def test_several_methods_cost_one_forward_and_one_backward_per_class_slot(monkeypatch):
+    from wsss.cams import compute_cam_sets
+
+    model = make_classifier()
+    forwards, backwards = [], []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backwards.append(1) or real_grad(*a, **k))
+    compute_cam_sets(model, torch.randn(2, 3, 48, 48, dtype=torch.float64), [[0, 5], [2, 7]],
+                     {"layercam": ["stage3", "stage5"], "gradcam": "stage5", "gradcam++": "stage5"})
+    assert len(forwards) == 1 and len(backwards) == 2

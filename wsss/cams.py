@@ -54,12 +54,14 @@ def compute_cams(
         (len(class_ids[n]), h, w) tensor at the layer's own resolution, in ``class_ids[n]`` order,
         after the final ReLU and before any normalisation (``(0, h, w)`` for an empty class list).
 
-    Cost: one forward pass for the whole batch, then ``max_n len(class_ids[n])`` backward passes,
-    each giving the gradients of every image's k-th class at once (images in a batch are
-    independent, so the gradient of a sum of per-image scores is the per-image gradients). Each
-    backward touches every image of the batch, so batching images with equal numbers of classes
-    avoids wasted work. Parameters never receive gradients and nothing before the shallowest hooked
-    layer is recorded for autograd, so that part of the forward costs what inference costs.
+    Cost: images are grouped by their number of classes K; each group takes one forward pass and
+    K backward passes, backward k giving the gradients of every image's k-th class at once (images
+    are independent, so the gradient of a sum of per-image scores is the per-image gradients). So
+    every image costs one forward and one activation-gradient backward per class, as if it were
+    alone, with the batch's parallelism; images without classes cost nothing. Parameters never
+    receive gradients and nothing before the shallowest hooked layer is recorded for autograd, so
+    that part of the forward costs what inference costs.
+    :func:`compute_cam_sets` gives several methods from the same passes.
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (it enables grad internally).
     Hooks, ``requires_grad`` and training flags of the model are restored even when an error is raised.
@@ -69,12 +71,38 @@ def compute_cams(
             logits, a layer whose output is not 4-D or that is run twice per forward or that does
             not influence the logits, or a model whose parameters are inference tensors.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; expected one of {', '.join(METHODS)}")
-    requested = [layers] if isinstance(layers, str) else list(layers)
-    if not requested:
-        raise ValueError("no layers requested")
-    module_names = resolve_layers(model, requested)
+    return compute_cam_sets(model, images, class_ids, {method: layers})[method]
+
+
+def compute_cam_sets(
+    model: nn.Module,
+    images: Tensor,
+    class_ids: Sequence[Sequence[int]],
+    requests: Mapping[str, Sequence[str] | str],
+) -> dict[str, dict[str, list[Tensor]]]:
+    """:func:`compute_cams` for several methods, each at its own layers, from ONE forward pass and
+    one backward pass per class slot: the three methods need only the activations and their
+    gradients, so LayerCAM at stages 3-5 plus Grad-CAM and Grad-CAM++ at stage 5 cost what
+    LayerCAM alone costs.
+
+    Args:
+        requests: ``{method: layers}``, e.g. ``{"layercam": ["stage3", "stage5"], "gradcam": ["stage5"]}``.
+        model, images, class_ids: as in :func:`compute_cams`.
+
+    Returns:
+        ``{method: {layer: [maps of image n]}}``: every entry exactly what ``compute_cams(model,
+        images, class_ids, layers, method)`` returns (the same gradients, so the same numbers).
+    """
+    if not requests:
+        raise ValueError("no CAM methods requested")
+    wanted: dict[str, list[str]] = {}
+    for method, layers in requests.items():
+        if method not in METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; expected one of {', '.join(METHODS)}")
+        wanted[method] = [layers] if isinstance(layers, str) else list(layers)
+        if not wanted[method]:
+            raise ValueError(f"no layers requested for {method}")
+    module_names = resolve_layers(model, [layer for layers in wanted.values() for layer in layers])
     if images.ndim != 4:
         raise ValueError(f"images must be a (N, 3, H, W) batch, got shape {tuple(images.shape)}")
     if len(class_ids) != images.shape[0]:
@@ -86,14 +114,37 @@ def compute_cams(
             "gradients cannot flow through them. Create or load the model outside inference mode."
         )
 
-    unique_modules = list(dict.fromkeys(module_names.values()))
+    methods_at: dict[str, list[str]] = {}  # module name -> the methods computed from its gradients
+    for method, layers in wanted.items():
+        for layer in layers:
+            at = methods_at.setdefault(module_names[layer], [])
+            if method not in at:
+                at.append(method)
+    # A backward for class slot k runs over every image of the forward, also those without a k-th
+    # class; so images are split by class count, each group one forward and its own backwards.
+    # Images without classes need no pass at all when another group gives the maps' size.
+    groups: dict[int, list[int]] = {}
+    for n, ids in enumerate(classes):
+        groups.setdefault(len(ids), []).append(n)
+    passes = [members for count, members in sorted(groups.items()) if count] or [list(range(len(classes)))]
+    maps: dict[tuple[str, str], list[Tensor | None]] = {}
     with torch.inference_mode(False), torch.enable_grad():
         if images.is_inference():
             # Inference tensors cannot take part in autograd; a normal copy can.
             images = images.clone()
-        activations, logits = _forward_with_hooks(model, images.detach(), unique_modules)
-        maps = _maps_for_all_classes(activations, logits, classes, method)
-    return {name: list(maps[module_names[name]]) for name in requested}
+        for members in passes:
+            batch = images if len(members) == len(classes) else images[members]
+            activations, logits = _forward_with_hooks(model, batch.detach(), list(methods_at))
+            for key, group_maps in _maps_for_all_classes(activations, logits, [classes[n] for n in members], methods_at).items():
+                slots = maps.setdefault(key, [None] * len(classes))
+                for n, image_maps in zip(members, group_maps):
+                    slots[n] = image_maps
+    for slots in maps.values():
+        size = next(m for m in slots if m is not None).shape[1:]
+        for n, image_maps in enumerate(slots):
+            if image_maps is None:  # an image without classes: (0, h, w)
+                slots[n] = images.new_zeros((0, *size))
+    return {method: {layer: list(maps[method, module_names[layer]]) for layer in layers} for method, layers in wanted.items()}
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
@@ -241,9 +292,10 @@ def _forward_with_hooks(model: nn.Module, images: Tensor, module_names: list[str
 
 
 def _maps_for_all_classes(
-    activations: dict[str, Tensor], logits: Tensor, classes: list[list[int]], method: str
-) -> dict[str, list[Tensor]]:
-    """One backward per class slot k: the sum over images of their k-th class score."""
+    activations: dict[str, Tensor], logits: Tensor, classes: list[list[int]], methods_at: dict[str, list[str]]
+) -> dict[tuple[str, str], list[Tensor]]:
+    """One backward per class slot k (the sum over images of their k-th class score); every method
+    asked for at a layer is computed from that layer's gradients. Keys: (method, module name)."""
     num_classes = logits.shape[1]
     for n, ids in enumerate(classes):
         bad = [c for c in ids if not 0 <= c < num_classes]
@@ -252,8 +304,8 @@ def _maps_for_all_classes(
     names = list(activations)
     inputs = [activations[name] for name in names]
     out = {
-        name: [a.new_zeros((len(ids), *a.shape[2:])) for ids in classes]
-        for name, a in zip(names, inputs)
+        (method, name): [a.new_zeros((len(ids), *a.shape[2:])) for ids in classes]
+        for name, a in zip(names, inputs) for method in methods_at[name]
     }
     slots = max((len(ids) for ids in classes), default=0)
     if slots and not logits.requires_grad:
@@ -269,9 +321,10 @@ def _maps_for_all_classes(
                 if len(rows) < activation.shape[0]:
                     index = torch.tensor(rows, device=grad.device)
                     activation, grad = activation.index_select(0, index), grad.index_select(0, index)
-                maps = cam_from_gradients(activation.detach(), grad, method)
-                for i, n in enumerate(rows):
-                    out[name][n][k] = maps[i]
+                for method in methods_at[name]:
+                    maps = cam_from_gradients(activation.detach(), grad, method)
+                    for i, n in enumerate(rows):
+                        out[method, name][n][k] = maps[i]
         del grads
     return out
 
