@@ -80,10 +80,10 @@ def compute_cam_sets(
     class_ids: Sequence[Sequence[int]],
     requests: Mapping[str, Sequence[str] | str],
 ) -> dict[str, dict[str, list[Tensor]]]:
-    """:func:`compute_cams` for several methods, each at its own layers, from ONE forward pass and
-    one backward pass per class slot: the three methods need only the activations and their
-    gradients, so LayerCAM at stages 3-5 plus Grad-CAM and Grad-CAM++ at stage 5 cost what
-    LayerCAM alone costs.
+    """:func:`compute_cams` for several methods, each at its own layers, from the same forward and
+    backward passes (the cost :func:`compute_cams` describes for the union of the layers): the
+    three methods need only the activations and their gradients, so LayerCAM at stages 3-5 plus
+    Grad-CAM and Grad-CAM++ at stage 5 cost what LayerCAM alone costs.
 
     Args:
         requests: ``{method: layers}``, e.g. ``{"layercam": ["stage3", "stage5"], "gradcam": ["stage5"]}``.
