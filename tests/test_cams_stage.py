@@ -15,7 +15,7 @@ from wsss.formats.cams import read_cams
 from wsss.formats.images import read_image
 from wsss.systems.checkpoints import load_classifier
 from wsss.systems.classifier import ClassifierSystem
-from wsss.systems.predictors import CamPredictor
+from wsss.systems.predictors import CamPredictor, CamVariant
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,42 @@ def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path):
 
 def test_predict_needs_gradients_even_under_inference_mode(classifier_ckpt):
     """Lightning predicts under inference_mode by default; the CAM system must still get maps."""
-    system = CamPredictor(load_classifier(classifier_ckpt), ["stage4", "stage5"], scaled_layers=[])
+    system = CamPredictor(load_classifier(classifier_ckpt), {"v": CamVariant("layercam", ("stage4", "stage5"), ())})
     image = torch.randn(3, 48, 64)
     batch = {"id": ["a"], "image": [image], "size": [(48, 64)], "multi_hot": torch.eye(20)[[3]]}
     with torch.inference_mode():
         result = system.predict_step(batch, 0)
-    assert result[0]["cams"].shape == (1, 48, 64) and np.isfinite(result[0]["cams"]).all()
+    cams = result[0]["variants"]["v"]["cams"]
+    assert cams.shape == (1, 48, 64) and np.isfinite(cams).all()
+
+
+def test_every_variant_from_one_pass_writes_the_files_of_separate_runs(toy_root, classifier_ckpt, tmp_path, monkeypatch):
+    """What `wsss run` asks for (LayerCAM 3-5 with per-layer maps, Grad-CAM and Grad-CAM++ at
+    stage 5) in one make_cams call: byte-identical files to one run per variant, one forward per
+    image group instead of three, and a resumed run rewrites nothing."""
+    from wsss.stages.cams import make_cams
+
+    variants = {"layercam": CamVariant("layercam", ("stage3", "stage4", "stage5"), ("stage3",), True),
+                "gradcam": CamVariant("gradcam", ("stage5",), (), False),
+                "gradcampp": CamVariant("gradcam++", ("stage5",), (), False)}
+    common = dict(split="train", num_workers=0, batch_size=3, accelerator="cpu", progress=False)
+    forwards = []
+    real_forward = CamPredictor._view_maps
+    monkeypatch.setattr(CamPredictor, "_view_maps", lambda self, *a: forwards.append(1) or real_forward(self, *a))
+    together = make_cams(classifier_ckpt, toy_root, {tmp_path / "all" / n: v for n, v in variants.items()}, **common)
+    one_pass = len(forwards)
+    for name, variant in variants.items():
+        make_cams(classifier_ckpt, toy_root, {tmp_path / "alone" / name: variant}, **common)
+    assert len(forwards) == 4 * one_pass  # the separate runs took three times the passes
+    ids = VOCLayout(toy_root).read_ids("train")
+    for name in variants:
+        assert together[tmp_path / "all" / name].written == len(ids)
+        for image_id in ids:
+            assert (tmp_path / "all" / name / f"{image_id}.npz").read_bytes() == (tmp_path / "alone" / name / f"{image_id}.npz").read_bytes()
+    # Resume: one folder lost two files; only those are written again, the rest are kept as they are.
+    (tmp_path / "all" / "gradcam" / f"{ids[0]}.npz").unlink()
+    (tmp_path / "all" / "gradcam" / f"{ids[1]}.npz").unlink()
+    again = make_cams(classifier_ckpt, toy_root, {tmp_path / "all" / n: v for n, v in variants.items()}, **common)
+    assert again[tmp_path / "all" / "gradcam"].written == 2 and again[tmp_path / "all" / "layercam"].written == 0
+    assert again[tmp_path / "all" / "layercam"].skipped == len(ids)
+    assert (tmp_path / "all" / "gradcam" / f"{ids[0]}.npz").read_bytes() == (tmp_path / "alone" / "gradcam" / f"{ids[0]}.npz").read_bytes()

@@ -12,13 +12,14 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError, DataError
 from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection, read_yaml
 from wsss.pipeline.manifest import read_manifest
 from wsss.pipeline.results import build_results
+from wsss.systems.predictors import CamVariant
 from wsss.trainers import is_global_zero
 
 SEED_ROWS = (  # (row name, CAM folder, npz key: None = the file's fused map, "a+b" = max of saved layers)
@@ -34,15 +35,6 @@ PSEUDO_ROWS = (("Grad-CAM stage5", "gradcam"), ("Grad-CAM++ stage5", "gradcampp"
 # In the segmenter section, `model.weights: classifier` starts the segmenter's trunk from this run's
 # classifier (the toy preset's stand-in for ImageNet initialisation, which the toy data has none of).
 THIS_RUNS_CLASSIFIER = "classifier"
-
-
-class CamVariant(NamedTuple):
-    """One CAM folder of a run: LayerCAM (fused layers, per-layer maps kept) or a baseline at stage 5."""
-
-    method: str
-    layers: tuple[str, ...]
-    scaled_layers: tuple[str, ...]
-    save_layers: bool
 
 
 def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,16 +164,15 @@ def cams_step(run: Run) -> dict[str, Any]:
     from wsss.stages.cams import make_cams
 
     c = run.config.cams
-    counts = {}
-    for name, variant in run.cam_variants().items():
+    variants = run.cam_variants()
+    for name, variant in variants.items():
         run.say(f"  cams/{name}: {variant.method} at {','.join(variant.layers)}")
-        counts[name] = dataclasses.asdict(make_cams(
-            run.out / "classifier" / "best.ckpt", run.data_root, run.out / "cams" / name, split=run.config.cam_split, labels=c.labels,
-            method=variant.method, layers=variant.layers, scaled_layers=variant.scaled_layers, gamma=c.gamma, scales=c.scales,
-            flip=c.flip, batch_size=c.batch_size, num_workers=c.num_workers, save_layers=variant.save_layers,
-            accelerator=c.accelerator, devices=c.devices, progress=False,
-        ))
-    return {"counts": counts}
+    counts = make_cams(
+        run.out / "classifier" / "best.ckpt", run.data_root, {run.out / "cams" / name: v for name, v in variants.items()},
+        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, batch_size=c.batch_size,
+        num_workers=c.num_workers, accelerator=c.accelerator, devices=c.devices, progress=False,
+    )
+    return {"counts": {name: dataclasses.asdict(counts[run.out / "cams" / name]) for name in variants}}
 
 
 def eval_cams_step(run: Run) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from wsss.formats.images import image_size
 from wsss.io import ensure_output_dir
 from wsss.stages import options
 from wsss.systems.checkpoints import load_classifier
-from wsss.systems.predictors import CamPredictor
+from wsss.systems.predictors import CamPredictor, CamVariant
 from wsss.systems.writers import CamWriter
 from wsss.trainers import gather_objects, is_global_zero, parse_devices, predict_trainer
 
@@ -46,62 +46,70 @@ class CamCounts:
 def make_cams(
     checkpoint: str | Path,
     data_root: str | Path,
-    out_dir: str | Path,
+    outputs: Mapping[str | Path, CamVariant],
     *,
     split: str = "train_aug",
     labels: str = "auto",
-    method: str = "layercam",
-    layers: Sequence[str] = ("stage3", "stage4", "stage5"),
-    scaled_layers: Sequence[str] = ("stage3",),
     gamma: float = 2.0,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     batch_size: int = 1,
     num_workers: int = 2,
-    save_layers: bool = False,
     overwrite: bool = False,
     output_format: str = "npz",
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
     progress: bool = True,
-) -> CamCounts:
-    """Write the CAM file of every image of ``split`` that lacks a complete one (all with ``overwrite``).
+) -> dict[Path, CamCounts]:
+    """Write, into each output folder, its :class:`CamVariant`'s CAM file of every image of
+    ``split`` that lacks a complete one there (all of them with ``overwrite``).
+
+    Every variant comes from the same passes: one forward per image (group) and one backward per
+    class (:func:`wsss.cams.compute_cam_sets`), so LayerCAM at stages 3-5 with the Grad-CAM and
+    Grad-CAM++ baselines costs what LayerCAM alone costs, and each file is byte for byte what a run
+    of that variant alone writes.
 
     ``checkpoint``: a ``train-cls`` checkpoint. ``labels``: the image-level label source
-    (:class:`~wsss.data.voc.ImageLabels`). ``layers`` are fused (eq. 9) after each is summed over
-    the views ``scales`` x (``flip``); ``scaled_layers`` (a subset) get ``tanh(gamma * m)``.
-    ``output_format``: ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``).
-    ``accelerator``/``devices``/``strategy`` go to the Trainer: under DDP each image is written by
-    exactly one process, and the counts are everyone's.
+    (:class:`~wsss.data.voc.ImageLabels`). Each variant's layers are fused (eq. 9) after each is
+    summed over the views ``scales`` x (``flip``). ``output_format``: ``npz``, or ``irn`` for IRN's
+    ``.npy`` layout (no ``save_layers``). ``accelerator``/``devices``/``strategy`` go to the
+    Trainer: under DDP each image is written by exactly one process, and the counts are everyone's.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
-    if save_layers and output_format != "npz":
+    if output_format != "npz" and any(v.save_layers for v in outputs.values()):
         raise ConfigError("per-layer maps (--save-layers) are stored only in the npz format; IRN's layout has no place for them")
-    out_dir = Path(out_dir)
+    folders = {Path(out_dir): variant for out_dir, variant in outputs.items()}
     layout = VOCLayout(resolve_data_root(data_root))
     image_labels = ImageLabels(layout, labels)
     ids = layout.read_ids(split)
     layout.check_images(ids)
     image_labels.check(ids)
-    ensure_output_dir(out_dir)
-    predictor = CamPredictor(load_classifier(checkpoint), layers, scaled_layers, method, gamma, tuple(scales), flip)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = ids if overwrite else [i for i in ids if not is_complete(cam_path(out_dir, i, output_format))]
-    log.info("CAMs (%s at %s) for %d of %d images in %s; %d already done", method, ",".join(layers), len(todo), len(ids), out_dir, len(ids) - len(todo))
+    for out_dir in folders:
+        ensure_output_dir(out_dir)
+    # Variants are named after their folder in the predictor's items and the writer.
+    predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip)
+    done = frozenset() if overwrite else frozenset(
+        path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
+    todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
+    skipped = {out_dir: sum(cam_path(out_dir, i, output_format) in done for i in ids) for out_dir in folders}
+    for out_dir, variant in folders.items():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("CAMs (%s at %s) in %s: %d of %d images already done", variant.method, ",".join(variant.layers), out_dir, skipped[out_dir], len(ids))
     if not todo:
-        return CamCounts(written=0, skipped=len(ids))
-    # Each backward serves one class slot of the whole batch, and only equal-sized images share
-    # a forward: batching images with the same class count and size wastes no work.
+        return {out_dir: CamCounts(written=0, skipped=skipped[out_dir]) for out_dir in folders}
+    # Only equal-sized images share a forward, and images with equal class counts share backwards:
+    # batching images sorted by (class count, size) wastes no work.
     # Header reads only; an unreadable or too large image is refused here, before any work.
     todo = sorted(todo, key=lambda i: (int(image_labels(i).sum()), image_size(layout.image_path(i))))
     data = PredictDataModule(ImageDataset(layout, todo, eval_transform(), image_labels), batch_size, num_workers, collate_list)
-    writer = CamWriter(out_dir, save_layers, output_format)
+    writer = CamWriter({str(d): d for d in folders}, {str(d): v.save_layers for d, v in folders.items()}, output_format, done)
     # CAMs need gradients; predict would otherwise run under inference_mode.
     trainer = predict_trainer(writer, accelerator, devices, strategy, progress, inference_mode=False)
     trainer.predict(predictor, datamodule=data, return_predictions=False)
-    return CamCounts(written=sum(gather_objects(trainer, writer.written)), skipped=len(ids) - len(todo))
+    written = gather_objects(trainer, writer.written)
+    return {out_dir: CamCounts(written=sum(w[str(out_dir)] for w in written), skipped=skipped[out_dir]) for out_dir in folders}
 
 
 def main(argv: list[str]) -> int:
@@ -128,12 +136,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers)
     counts = make_cams(
-        args.checkpoint, args.data_root, args.out, split=args.split, labels=args.labels, method=args.method, layers=args.layers,
-        scaled_layers=args.scaled, gamma=args.gamma, scales=args.scales, flip=args.flip, batch_size=args.batch_size,
-        num_workers=args.num_workers, save_layers=args.save_layers, overwrite=args.overwrite, output_format=args.format,
-        accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-    )
+        args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
+        scales=args.scales, flip=args.flip, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
+        output_format=args.format, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+    )[Path(args.out)]
     if is_global_zero():
         print(f"{counts.written} CAM files written, {counts.skipped} already complete, in {time.perf_counter() - start:.1f}s -> {args.out}")
     return 0

@@ -3,7 +3,8 @@ of :mod:`wsss.systems.writers` turns into that image's file."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,48 +12,65 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from wsss.cams import METHODS, accumulate_multiscale, compute_cams, fuse_cams, normalize_maps, resolve_layers
+from wsss.cams import METHODS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
 from wsss.segmentation import dense_crf, denormalize, image_probabilities
 
 
-class CamPredictor(pl.LightningModule):
-    """Per image: maps of its image-level classes at ``layers`` over every view (``scales`` x
-    ``flip``), summed per layer at the image size, then fused (LayerCAM eq. 9), ``scaled_layers``
-    tanh-scaled. Items: ``{"id", "classes" (K,) label values, "cams" (K, H, W) float32 fused,
-    "layers": {layer: (K, H, W) float16 normalised}}``.
+@dataclass(frozen=True)
+class CamVariant:
+    """One CAM output of a pass: ``method`` at ``layers``, fused by eq. 9 with ``scaled_layers``
+    tanh-scaled; ``save_layers`` keeps each layer's normalised map in its file too."""
 
-    Run with ``inference_mode=False``: LayerCAM needs gradients (:func:`wsss.cams.compute_cams`
-    enables them inside).
+    method: str = "layercam"
+    layers: tuple[str, ...] = ("stage3", "stage4", "stage5")
+    scaled_layers: tuple[str, ...] = ("stage3",)
+    save_layers: bool = False
+
+
+class CamPredictor(pl.LightningModule):
+    """Per image: the maps of its image-level classes for every :class:`CamVariant` (keyed by name),
+    all from one forward and one backward per class slot (:func:`wsss.cams.compute_cam_sets`). Each
+    variant's layer maps are summed over the views (``scales`` x ``flip``) at the image size, then
+    fused (LayerCAM eq. 9). Items: ``{"id", "classes" (K,) label values, "variants": {name: {"cams"
+    (K, H, W) float32 fused, "layers": {layer: (K, H, W) float16 normalised}}}}``.
+
+    Run with ``inference_mode=False``: CAMs need gradients (``compute_cam_sets`` enables them inside).
     """
 
-    def __init__(self, classifier: torch.nn.Module, layers: Sequence[str], scaled_layers: Sequence[str] = (), method: str = "layercam",
-                 gamma: float = 2.0, scales: Sequence[float] = (1.0,), flip: bool = False):
+    def __init__(self, classifier: torch.nn.Module, variants: Mapping[str, CamVariant], gamma: float = 2.0,
+                 scales: Sequence[float] = (1.0,), flip: bool = False):
         super().__init__()
-        try:
-            resolve_layers(classifier, layers)  # fail now, with the valid names, not mid-run
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        unknown = sorted(set(scaled_layers) - set(layers))
-        if unknown:
-            raise ConfigError(f"scaled layers {unknown} are not among the CAM layers {list(layers)}")
-        if method not in METHODS:
-            raise ConfigError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+        if not variants:
+            raise ConfigError("no CAM variants requested")
+        for variant in variants.values():
+            if variant.method not in METHODS:
+                raise ConfigError(f"unknown CAM method {variant.method!r}; choose one of {', '.join(METHODS)}")
+            try:
+                resolve_layers(classifier, variant.layers)  # fail now, with the valid names, not mid-run
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            unknown = sorted(set(variant.scaled_layers) - set(variant.layers))
+            if unknown:
+                raise ConfigError(f"scaled layers {unknown} are not among the CAM layers {list(variant.layers)}")
         self.classifier = classifier.eval()
         # Views smaller than this leave no position at the deepest layer (VGG16: 16 px, four
         # 2x2 pools); they are enlarged to it, and their maps resized to the image like any view's.
         self.min_view_side = int(getattr(classifier, "min_input_side", 1))
-        self.layers, self.method, self.gamma = list(layers), method, gamma
-        self.tanh_scaled = [layer in scaled_layers for layer in self.layers]
+        self.variants, self.gamma = dict(variants), gamma
+        self.requests: dict[str, list[str]] = {}  # method -> every layer any variant wants it at
+        for variant in self.variants.values():
+            layers = self.requests.setdefault(variant.method, [])
+            layers += [layer for layer in variant.layers if layer not in layers]
         self.views = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
 
-    def _view_maps(self, images: list[torch.Tensor], class_ids: list[list[int]], scale: float, flipped: bool) -> list[list[torch.Tensor]]:
-        """Raw per-layer maps of every image for one view; images of equal size share a batch."""
+    def _view_maps(self, images: list[torch.Tensor], class_ids: list[list[int]], scale: float, flipped: bool) -> list[dict]:
+        """Raw ``{method: {layer: maps}}`` of every image for one view; images of equal size share a batch."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, image in enumerate(images):
             groups[tuple(image.shape[-2:])].append(index)
-        out: list[list[torch.Tensor]] = [[] for _ in images]
+        out: list[dict] = [{} for _ in images]
         for (height, width), members in groups.items():
             batch = torch.stack([images[i] for i in members])
             size = (max(self.min_view_side, round(height * scale)), max(self.min_view_side, round(width * scale)))
@@ -60,10 +78,18 @@ class CamPredictor(pl.LightningModule):
                 batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
             if flipped:
                 batch = batch.flip(-1)
-            maps = compute_cams(self.classifier, batch, [class_ids[i] for i in members], self.layers, self.method)
+            maps = compute_cam_sets(self.classifier, batch, [class_ids[i] for i in members], self.requests)
             for position, index in enumerate(members):
-                out[index] = [maps[layer][position] for layer in self.layers]
+                out[index] = {method: {layer: layer_maps[position] for layer, layer_maps in by_layer.items()} for method, by_layer in maps.items()}
         return out
+
+    def _variant(self, variant: CamVariant, views: list[dict], size: tuple[int, int]) -> dict[str, Any]:
+        summed = accumulate_multiscale([[view[variant.method][layer] for layer in variant.layers] for view in views],
+                                       [flipped for _, flipped in self.views], size)
+        fused = fuse_cams(summed, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma)
+        layer_maps = {layer: normalize_maps(maps).cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, summed)}
+        # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
+        return {"cams": fused.cpu().numpy(), "layers": layer_maps}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         images = list(batch["image"]) if isinstance(batch["image"], list) else list(batch["image"].unbind(0))
@@ -75,13 +101,12 @@ class CamPredictor(pl.LightningModule):
             classes = np.asarray(class_ids[index], dtype=np.int64) + 1
             if not len(classes):  # no image-level class: nothing to explain, K = 0
                 empty = np.zeros((0, *size), dtype=np.float16)
-                results.append({"id": image_id, "classes": classes, "cams": np.zeros((0, *size), np.float32), "layers": {layer: empty for layer in self.layers}})
-                continue
-            summed = accumulate_multiscale([view[index] for view in per_view], [flipped for _, flipped in self.views], size)
-            fused = fuse_cams(summed, size, self.tanh_scaled, self.gamma)
-            layer_maps = {layer: normalize_maps(maps).cpu().numpy().astype(np.float16) for layer, maps in zip(self.layers, summed)}
-            # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
-            results.append({"id": image_id, "classes": classes, "cams": fused.cpu().numpy(), "layers": layer_maps})
+                variants = {name: {"cams": np.zeros((0, *size), np.float32), "layers": {layer: empty for layer in v.layers}}
+                            for name, v in self.variants.items()}
+            else:
+                views = [view[index] for view in per_view]
+                variants = {name: self._variant(variant, views, size) for name, variant in self.variants.items()}
+            results.append({"id": image_id, "classes": classes, "variants": variants})
         return results
 
 

@@ -2,6 +2,7 @@
 memory, ``return_predictions=False``), atomically, by the process that predicted it."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,24 @@ class PerImageWriter(BasePredictionWriter):
 
 
 class CamWriter(PerImageWriter):
-    """:class:`~wsss.systems.predictors.CamPredictor` items -> ``<id>.npz`` (with per-layer maps if
-    ``save_layers``) or IRN's ``<id>.npy`` (``output_format="irn"``)."""
+    """:class:`~wsss.systems.predictors.CamPredictor` items -> one file per variant and image:
+    ``out_dirs[name]/<id>.npz`` (with per-layer maps where ``save_layers[name]``) or IRN's
+    ``<id>.npy`` (``output_format="irn"``). Files in ``done`` (complete before the run) are not
+    rewritten; ``written`` counts this process's files."""
 
-    def __init__(self, out_dir: str | Path, save_layers: bool = False, output_format: str = "npz"):
-        super().__init__(out_dir)
-        self.save_layers, self.output_format = save_layers, output_format
+    def __init__(self, out_dirs: Mapping[str, Path], save_layers: Mapping[str, bool], output_format: str = "npz",
+                 done: frozenset[Path] = frozenset()):
+        super().__init__(next(iter(out_dirs.values())))
+        self.out_dirs, self.save_layers, self.output_format, self.done = dict(out_dirs), dict(save_layers), output_format, done
+        self.written: dict[str, int] = dict.fromkeys(out_dirs, 0)  # per variant
 
     def write_item(self, item: dict[str, Any]) -> None:
-        layer_maps = item["layers"] if self.save_layers else None
-        write_cam_file(cam_path(self.out_dir, item["id"], self.output_format), item["classes"], item["cams"], layer_maps)
-        self.written += 1
+        for name, maps in item["variants"].items():
+            path = cam_path(self.out_dirs[name], item["id"], self.output_format)
+            if path in self.done:
+                continue
+            write_cam_file(path, item["classes"], maps["cams"], maps["layers"] if self.save_layers[name] else None)
+            self.written[name] += 1
 
 
 class LabelPNGWriter(PerImageWriter):
