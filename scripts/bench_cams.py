@@ -8,9 +8,11 @@ the model), so load from other processes on a shared machine hits them alike; wi
 fastest pass per method is reported.
 
 Contenders:
-  ours      wsss.cams.compute_cams on batches of --batch-size images: one forward, then one
-            backward per class slot (max classes in the batch), gradients w.r.t. the hooked
-            activations only.
+  ours      wsss.cams.compute_cams on batches of --batch-size images: images grouped by class
+            count, one forward per group, then one backward per class slot of the group,
+            gradients w.r.t. the hooked activations only.
+  ours3     wsss.cams.compute_cam_sets: what the CAM stage of `wsss run` computes, LayerCAM at
+            stages 3-5 plus Grad-CAM and Grad-CAM++ at stage 5, from the same passes.
   gradcam   pytorch_grad_cam.LayerCAM with all three target layers in one instance, used as its
             documented API: per batch and class slot k, one call on the images that have a k-th
             class, with one ClassifierOutputTarget each. Each call runs a forward and a full
@@ -46,7 +48,7 @@ import warnings
 
 import torch
 
-METHODS = ("ours", "gradcam", "torchcam", "limit")
+METHODS = ("ours", "ours3", "gradcam", "torchcam", "limit")
 STAGES = ("stage3", "stage4", "stage5")
 
 
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--width-mult", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG16)")
+    parser.add_argument("--classes", default=None, help="classes per image, comma-separated and cycled (e.g. 2,1,3,2); "
+                        "default: 1-3 at random")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches (per image for 'limit') before timing")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the images; the fastest is reported "
                         "(other processes on a shared machine add noise)")
@@ -80,7 +84,8 @@ def make_workload(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tens
         model = CAMClassifier(weights="none", width=args.width_mult).to(args.device).eval()
     images = torch.randn(args.images, 3, args.height, args.width, device=args.device)
     rng = random.Random(args.seed)
-    classes = [rng.sample(range(20), rng.randint(1, 3)) for _ in range(args.images)]
+    counts = [int(c) for c in args.classes.split(",")] if args.classes else None
+    classes = [rng.sample(range(20), counts[n % len(counts)] if counts else rng.randint(1, 3)) for n in range(args.images)]
     if args.group_by_classes:
         order = sorted(range(args.images), key=lambda n: len(classes[n]))
         images, classes = images[order], [classes[n] for n in order]
@@ -96,6 +101,12 @@ def run_ours(model, images, classes):
     from wsss.cams import compute_cams
 
     return compute_cams(model, images, classes, STAGES, method="layercam")
+
+
+def run_ours3(model, images, classes):
+    from wsss.cams import compute_cam_sets
+
+    return compute_cam_sets(model, images, classes, {"layercam": STAGES, "gradcam": ["stage5"], "gradcam++": ["stage5"]})
 
 
 def make_gradcam(model):
@@ -159,7 +170,7 @@ def make_runner(method: str, model: torch.nn.Module):
     if method == "limit":
         model.requires_grad_(False)
         return run_limit
-    return run_ours
+    return run_ours3 if method == "ours3" else run_ours
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
@@ -260,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{label}{seconds[other] / ours:.2f}")
         if "limit" in seconds:
             print(f"ours time / limit time: {ours / seconds['limit']:.3f}")
+        if "ours3" in seconds:
+            print(f"three methods (LayerCAM 3-5, Grad-CAM 5, Grad-CAM++ 5) / LayerCAM alone: time x{seconds['ours3'] / ours:.3f}")
 
 
 if __name__ == "__main__":

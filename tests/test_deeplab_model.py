@@ -310,9 +310,26 @@ def test_conv_only_weights_file_loads_the_trunk_and_logs_random_fc6_fc7(tmp_path
         model = DeepLabLargeFOV(weights=str(path), width=NARROW)
     assert torch.equal(model.features[28].weight, conv_only["features.28.weight"])
     assert any("fc6/fc7 are initialised randomly" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    # fc6/fc7 start as DeepLab's added layers do, N(0, 0.01), not at the Kaiming scale of weights="none"
+    # (which, under VGG's raw activations, made the first steps on real photos diverge).
+    for conv in (model.fc6, model.fc7):
+        assert abs(float(conv.weight.std()) - 0.01) < 0.001 and abs(float(conv.weight.mean())) < 0.001
+        assert not conv.bias.any()
     torch.manual_seed(5)
     random_init = DeepLabLargeFOV(weights="none", width=NARROW)
-    assert torch.equal(model.fc6.weight, random_init.fc6.weight) and torch.equal(model.fc7.weight, random_init.fc7.weight)
+    assert float(random_init.fc6.weight.std()) > 0.03  # Kaiming, fan_out = 128 * 9
+
+
+@pytest.mark.parametrize("batch_norm, expected_std", [(False, 0.01), (True, math.sqrt(2 / (128 * 9)))])
+def test_random_fc6_under_a_classifier_trunk_is_scaled_for_the_trunk(tmp_path, batch_norm, expected_std):
+    """A plain VGG trunk's raw activations get the small N(0, 0.01) start; a batch-norm trunk (unit-scale
+    outputs, the toy preset) keeps Kaiming's."""
+    trunk = vgg16_features(NARROW, batch_norm=batch_norm).state_dict()
+    path = tmp_path / "cls.ckpt"
+    torch.save({"state_dict": {f"model.features.{k}": v for k, v in trunk.items()}}, path)
+    torch.manual_seed(0)
+    model = DeepLabLargeFOV(weights=f"classifier:{path}", width=NARROW, batch_norm=batch_norm)
+    assert abs(float(model.fc6.weight.std()) - expected_std) < 0.1 * expected_std
 
 
 def test_frozen_stages_leave_their_parameters_out_of_the_optimizer():

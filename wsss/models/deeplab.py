@@ -36,6 +36,7 @@ OUTPUT_STRIDE = 8
 
 # DeepLab decimates ImageNet fc6/fc7: every 4th unit (4096 -> 1024) and, for fc6, the taps at
 # rows/cols 0, 3, 6 of the 7x7 grid (a 3x3 kernel spanning the same extent).
+FC_RANDOM_STD = 0.01  # random fc6/fc7 under a pretrained plain trunk (see _small_random_fc)
 VGG_FC_PREFIX = "classifier."  # torchvision's fc6/fc7/fc8 keys
 FC_UNIT_STRIDE = 4
 FC6_TAPS = (0, 3, 6)
@@ -129,6 +130,7 @@ class DeepLabLargeFOV(nn.Module):
         if batch_norm and not (str(weights).lower() == "none" or str(weights).startswith(CLASSIFIER_WEIGHTS_SCHEME)):
             raise WeightsError(f"batch_norm=True has no VGG16 weights to start from ({weights!r}); "
                                f"use weights='none' or '{CLASSIFIER_WEIGHTS_SCHEME}<checkpoint of a batch_norm classifier>'")
+        self.batch_norm = batch_norm
         self.features = vgg16_features(width, DEEPLAB_POOL_SPECS, block5_dilation=CONV5_DILATION, batch_norm=batch_norm)
         trunk_channels = scaled_channels(512, width)
         fc_channels = scaled_channels(1024, width)
@@ -199,6 +201,7 @@ def _initialise_from(model: DeepLabLargeFOV, weights: str | Path) -> None:
         path = text[len(CLASSIFIER_WEIGHTS_SCHEME):]
         trunk = backbone_from_classifier_checkpoint(path)
         load_trunk_weights(model.features, trunk, source=f"classifier checkpoint {path}")
+        _small_random_fc(model)
         return
     state = load_vgg16_state_dict(weights)
     if state is None:
@@ -208,6 +211,7 @@ def _initialise_from(model: DeepLabLargeFOV, weights: str | Path) -> None:
         # Conv-only VGG16 files (Keras/ONNX conversions, feature extractors) have no fc6/fc7 to
         # decimate: the trunk is still ImageNet's, fc6/fc7 keep their random initialisation.
         log.warning("%s has no ImageNet fc6/fc7 ('%s*' keys): DeepLab's fc6/fc7 are initialised randomly", text, VGG_FC_PREFIX)
+        _small_random_fc(model)
         return
     fc = decimate_vgg_fc(state)
     own = model.state_dict()
@@ -218,3 +222,16 @@ def _initialise_from(model: DeepLabLargeFOV, weights: str | Path) -> None:
                 f"{tuple(own[key].shape)}; ImageNet weights need width=1.0."
             )
     model.load_state_dict(fc, strict=False)
+
+
+def _small_random_fc(model: DeepLabLargeFOV) -> None:
+    """Random fc6/fc7 under a pretrained plain VGG16 trunk: N(0, 0.01), as DeepLab initialises the
+    layers it adds. The trunk's conv5 activations are far from unit scale (up to ~200 with ImageNet
+    weights), so the fan-based (Kaiming) start, right for unit-scale inputs, gave logits in the
+    hundreds and a loss that turned to NaN within 20 steps on real photos. A batch-norm trunk's
+    outputs are unit-scale: Kaiming stays."""
+    if model.batch_norm:
+        return
+    for conv in (model.fc6, model.fc7):
+        nn.init.normal_(conv.weight, mean=0.0, std=FC_RANDOM_STD)
+        nn.init.zeros_(conv.bias)
