@@ -263,9 +263,30 @@ def test_normalize_maps():
 def test_accumulate_multiscale_by_hand():
     base = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     views = [[base], [base.flip(-1)], [torch.full((1, 1, 1), 10.0)]]
-    (total,) = accumulate_multiscale(views, flipped=[False, True, False], size=(2, 2))
+    (total,) = accumulate_multiscale(views, flipped=[False, True, False], size=(2, 2), weighting="none")
     torch.testing.assert_close(total, 2 * base + 10)
     assert views[0][0] is base and torch.equal(base, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
+
+
+def test_views_of_known_scale_weigh_alike():
+    """A pattern seen at scales 0.5, 1 and 2 gives maps 4x, 1x and 1/4x as large (the pooled map's
+    1/(h*w)); weighted by area or by their own maximum, each view counts alike and the sum is 3x the
+    pattern (raw, it would be 5.25x, 76% of it the 0.5x view)."""
+    pattern = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    scales = [0.5, 1.0, 2.0]
+    views = [[pattern / s**2] for s in scales]
+    (by_area,) = accumulate_multiscale(views, [False] * 3, (2, 2), scales=scales)  # the default
+    torch.testing.assert_close(by_area, 3 * pattern)
+    (by_max,) = accumulate_multiscale(views, [False] * 3, (2, 2), scales=scales, weighting="max")
+    torch.testing.assert_close(by_max, 3 * pattern / 4)
+    (raw,) = accumulate_multiscale(views, [False] * 3, (2, 2), scales=scales, weighting="none")
+    torch.testing.assert_close(raw, 5.25 * pattern)
+    # One view: the maps as computed, whatever the weighting (single-scale output keeps its bits).
+    for weighting in ("area", "max", "none"):
+        (alone,) = accumulate_multiscale([[pattern / 4]], [False], (2, 2), scales=[0.5], weighting=weighting)
+        assert torch.equal(alone, pattern / 4)
+    with pytest.raises(ValueError, match="needs the scale of every view"):
+        accumulate_multiscale(views, [False] * 3, (2, 2))
 
 
 def test_under_no_grad_and_inference_mode():

@@ -134,6 +134,26 @@ def test_changed_option_reruns_that_stage_and_later_only(finished_run, tmp_path,
     assert json.loads((out / "manifests/pseudo-labels.json").read_text())["config"]["threshold"] == 0.5
 
 
+def test_thresholds_from_the_seed_sweep_and_an_ignore_band(finished_run, tmp_path, capsys):
+    """pseudo.threshold_from_seeds: each CAM folder's pseudo-labels use its best seed threshold of
+    this run's eval-cams; pseudo.ignore_below leaves the band above it at 255, and the results
+    table reports the share labelled and the mIoU on it."""
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, eval_cams={"thresholds": "0.1,0.2"},
+                         pseudo={"threshold_from_seeds": True, "ignore_below": 0.6})
+    assert cli_main(["run", "-c", str(config), "--until", "eval-pseudo"]) == 0
+    printed = capsys.readouterr().out
+    seeds = json.loads((out / "manifests/eval-cams.json").read_text())["results"]
+    used = json.loads((out / "manifests/pseudo-labels.json").read_text())["thresholds"]
+    assert used == {"gradcam": seeds["Grad-CAM stage5"]["best_threshold"], "gradcampp": seeds["Grad-CAM++ stage5"]["best_threshold"],
+                    "layercam": seeds["LayerCAM stages 3-5 fused"]["best_threshold"]}
+    assert all(t in (0.1, 0.2, 0.3) for t in used.values())  # 0.3 is always part of the sweep
+    pseudo = json.loads((out / "manifests/eval-pseudo.json").read_text())["results"]["LayerCAM stages 3-5 fused"]
+    assert 0 < pseudo["labelled_share"] < 1 and "% of the pixels; mIoU on them" in printed
+    assert any((np.asarray(Image.open(p)) == 255).any() for p in (out / "pseudo/layercam").glob("*.png"))
+
+
 def test_failing_stage_is_named_and_keeps_earlier_outputs(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     root = Path(json.loads((out / "results.json").read_text())["data_root"])

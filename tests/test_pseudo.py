@@ -46,6 +46,23 @@ def test_hand_made_noncontiguous_segments():
     assert labels.dtype == np.uint8
 
 
+def test_ignore_band_on_two_superpixels_by_hand():
+    """Left superpixel mean 0.35 (in [0.25, 0.45): uncertain), right 0.5 (sure class) -- and with
+    the paper's rule (no band, threshold 0.3) both are class 7."""
+    segments = np.array([[0, 0, 1, 1]])
+    cams = np.array([[[0.3, 0.4, 0.5, 0.5]]])
+    np.testing.assert_array_equal(superpixel_labels(blank_image(1, 4), cams, [7], threshold=0.25, segments=segments, ignore_below=0.45),
+                                  [[255, 255, 7, 7]])
+    np.testing.assert_array_equal(superpixel_labels(blank_image(1, 4), cams, [7], threshold=0.3, segments=segments), [[7, 7, 7, 7]])
+    # Below the band: background; exactly at its top: the class; exactly at its bottom: uncertain.
+    np.testing.assert_array_equal(superpixel_labels(blank_image(1, 4), cams, [7], threshold=0.4, segments=segments, ignore_below=0.5),
+                                  [[0, 0, 7, 7]])
+    np.testing.assert_array_equal(superpixel_labels(blank_image(1, 4), cams, [7], threshold=0.35, segments=segments, ignore_below=0.5),
+                                  [[255, 255, 7, 7]])
+    with pytest.raises(ValueError, match="ignore_below must be a finite number above threshold"):
+        superpixel_labels(blank_image(1, 4), cams, [7], threshold=0.3, segments=segments, ignore_below=0.3)
+
+
 def test_huge_segment_ids_take_the_relabelling_path():
     segments = np.array([[10**12, 10**12], [0, 0]], dtype=np.int64)
     cams = np.array([[[0.9, 0.9], [0.1, 0.1]]], np.float32)

@@ -1,6 +1,7 @@
 """``wsss pseudo-labels`` end to end on the toy dataset, with CAM files made from the GT masks."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -301,3 +302,41 @@ def test_plus_key_fuses_saved_layers_by_elementwise_maximum(tmp_path):
     np.savez(path, classes=classes, stage4=stage4, stage5=stage5[:, :1])
     with pytest.raises(DataError, match="differ in shape"):
         read_cams(path, key="stage4+stage5")
+
+
+def test_ignore_band_leaves_uncertain_superpixels_unlabelled_and_evaluate_scores_both_ways(layout, cam_dir, tmp_path, capsys):
+    out, report = tmp_path / "labels", tmp_path / "scores.json"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", out, "--split", "train", "--workers", 1,
+                "--threshold", "0.2", "--ignore-below", "0.6"]) == 0
+    ids = layout.read_ids("train")
+    preds = {i: read_label_png(out / f"{i}.png") for i in ids}
+    assert any((p == 255).any() for p in preds.values()) and any(((p > 0) & (p < 255)).any() for p in preds.values())
+    assert main(["evaluate", "--pred", str(out), "--gt", str(layout.mask_dir), "--list", str(layout.list_path("train")),
+                 "--json", str(report), "--workers", "1"]) == 0
+    assert "of the pixels (255 elsewhere" in capsys.readouterr().out
+    scores = json.loads(report.read_text())
+    # Independent count: per class, TP / FP / FN over all images, once with 255 as background and once
+    # over the labelled pixels alone.
+    gts = {i: read_label_png(layout.mask_path(i)) for i in ids}
+    valid = {i: gts[i] != 255 for i in ids}
+    labelled = {i: valid[i] & (preds[i] != 255) for i in ids}
+
+    def miou(pred_of, where):
+        ious = []
+        for c in range(21):
+            tp = sum(int(((pred_of(i) == c) & (gts[i] == c) & where[i]).sum()) for i in ids)
+            fp = sum(int(((pred_of(i) == c) & (gts[i] != c) & where[i]).sum()) for i in ids)
+            fn = sum(int(((pred_of(i) != c) & (gts[i] == c) & where[i]).sum()) for i in ids)
+            if tp + fp + fn:
+                ious.append(tp / (tp + fp + fn))
+        return sum(ious) / len(ious)
+
+    assert scores["miou"] == pytest.approx(miou(lambda i: np.where(preds[i] == 255, 0, preds[i]), valid), abs=1e-9)
+    assert scores["labelled"]["miou"] == pytest.approx(miou(lambda i: preds[i], labelled), abs=1e-9)
+    share = sum(int(labelled[i].sum()) for i in ids) / sum(int(valid[i].sum()) for i in ids)
+    assert scores["labelled_share"] == pytest.approx(share, abs=1e-12) and 0 < share < 1
+
+
+def test_ignore_below_must_lie_above_the_threshold(layout, cam_dir, tmp_path, capsys):
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", tmp_path / "o", "--threshold", "0.4", "--ignore-below", "0.3"]) == 2
+    assert "--ignore-below 0.3 must be above --threshold 0.4" in capsys.readouterr().err

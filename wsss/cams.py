@@ -206,33 +206,59 @@ def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], tanh_scaled: Sequen
     return fused
 
 
-def accumulate_multiscale(views: Sequence[Sequence[Tensor]], flipped: Sequence[bool], size: tuple[int, int]) -> list[Tensor]:
-    """Sum one image's per-layer maps over its test-time views (rescalings, horizontal flips).
+VIEW_WEIGHTINGS = ("area", "max", "none")
+
+
+def accumulate_multiscale(views: Sequence[Sequence[Tensor]], flipped: Sequence[bool], size: tuple[int, int],
+                          scales: Sequence[float] | None = None, weighting: str = "area") -> list[Tensor]:
+    """Combine one image's per-layer maps over its test-time views (rescalings, horizontal flips).
+
+    A gradient-based map scales as 1/(h * w) of the classifier's pooled feature map (the global
+    average pool divides every gradient by it), so a view at scale ``s`` gives maps ~1/s^2 as large
+    as at scale 1: summed raw, a 0.5x view outweighs a 2x view sixteen times. ``weighting`` says
+    how views are made comparable before the sum:
+
+    - ``"area"`` (default): each view's maps times ``s^2``, undoing the pool's 1/(h * w);
+    - ``"max"``: each view's maps divided by their own per-class maximum, every view counting alike;
+    - ``"none"``: summed as computed (what this function did before the weighting existed).
+
+    A single view is returned as computed (resized and flipped back) whatever ``weighting``, so
+    single-scale maps are the same bits with every setting.
 
     Args:
         views: ``views[v][l]`` is the (K, h, w) raw map of layer ``l`` computed on view ``v`` (the
             image resized and possibly flipped left-right), same classes in the same order.
         flipped: per view, whether that view was flipped; its maps are flipped back.
         size: (H, W) of the original image.
+        scales: per view, its scale (needed by ``"area"``).
+        weighting: ``"area"``, ``"max"`` or ``"none"``.
 
     Returns:
         One (K, H, W) tensor per layer: the maps of all views upsampled bilinearly
-        (``align_corners=False``) to ``size`` and summed, ready for :func:`normalize_maps` /
+        (``align_corners=False``) to ``size``, weighted and summed, ready for :func:`normalize_maps` /
         :func:`fuse_cams` (normalisation happens after the sum, as the stage specifies).
     """
     if not views:
         raise ValueError("accumulate_multiscale needs at least one view")
     if len(flipped) != len(views):
         raise ValueError(f"flipped has {len(flipped)} entries for {len(views)} views")
+    if weighting not in VIEW_WEIGHTINGS:
+        raise ValueError(f"unknown view weighting {weighting!r}; expected one of {', '.join(VIEW_WEIGHTINGS)}")
+    if weighting == "area" and len(views) > 1 and (scales is None or len(scales) != len(views)):
+        raise ValueError("the 'area' weighting needs the scale of every view")
     num_layers = len(views[0])
     if any(len(view) != num_layers for view in views):
         raise ValueError("every view must give maps for the same layers")
     totals: list[Tensor] = []
     for layer in range(num_layers):
         total: Tensor | None = None
-        for view, flip in zip(views, flipped):
+        for index, (view, flip) in enumerate(zip(views, flipped)):
             layer_maps = view[layer].flip(-1) if flip else view[layer]
             resized = _resize(layer_maps, size)
+            if len(views) > 1 and weighting == "area":
+                resized = resized * float(scales[index]) ** 2
+            elif len(views) > 1 and weighting == "max":
+                resized = normalize_maps(resized)
             total = resized.clone() if total is None else total.add_(resized)
         assert total is not None
         totals.append(total)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import slic
 
-from wsss.classes import NUM_CLASSES
+from wsss.classes import IGNORE_INDEX, NUM_CLASSES
 
 # SLIC parameters used when ``superpixel_labels`` gets no precomputed segments. The paper does not
 # give them; chosen by scripts/sweep_slic.py (docs/slic_sweep.md): on the toy split the best
@@ -100,6 +100,7 @@ def superpixel_labels(
     classes: Sequence[int] | np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
     segments: np.ndarray | None = None,
+    ignore_below: float | None = None,
     **slic_kwargs: Any,
 ) -> np.ndarray:
     """Pseudo-label map by superpixel voting (paper eq. 10).
@@ -109,6 +110,10 @@ def superpixel_labels(
     exactly equal to the threshold is foreground). Ties between classes go to the class listed
     first in ``classes``. With K = 0 every pixel is background. Means are taken in float64.
 
+    With ``ignore_below`` (> ``threshold``), a superpixel whose largest S_c lies in
+    [``threshold``, ``ignore_below``) is neither: it gets 255, which the segmenter's loss ignores
+    (as IRN and PSA leave their uncertain seed pixels unlabelled). None (the paper) labels every pixel.
+
     Args:
         image: (H, W, 3) uint8 RGB image (only its shape is used when ``segments`` is given).
         cams: (K, H, W) float maps in [0, 1].
@@ -116,9 +121,10 @@ def superpixel_labels(
         threshold: background threshold on the superpixel mean.
         segments: optional precomputed (H, W) integer superpixel ids (any integers); otherwise
             :func:`slic_segments` is run with ``slic_kwargs``.
+        ignore_below: upper end of the uncertain band (see above), or None.
 
     Returns:
-        (H, W) uint8 label map with values in {0} ∪ ``classes``.
+        (H, W) uint8 label map with values in {0} ∪ ``classes`` (∪ {255} with ``ignore_below``).
     """
     _check_image(image)
     class_values = _check_cams(cams, classes)
@@ -127,6 +133,8 @@ def superpixel_labels(
         raise ValueError(f"cams have spatial shape {cams.shape[1:]}, image has {(height, width)}")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
+    if ignore_below is not None and not (np.isfinite(ignore_below) and ignore_below > threshold):
+        raise ValueError(f"ignore_below must be a finite number above threshold {threshold}, got {ignore_below}")
     if segments is None:
         if len(class_values) == 0:
             return np.zeros((height, width), dtype=np.uint8)  # no class to vote for: skip SLIC
@@ -152,6 +160,8 @@ def superpixel_labels(
     best = means.argmax(axis=0)  # argmax returns the first maximum: earlier class wins ties
     best_score = means[best, np.arange(num_bins)]
     lut = np.where(best_score < threshold, 0, class_values[best]).astype(np.uint8)
+    if ignore_below is not None:
+        lut[(best_score >= threshold) & (best_score < ignore_below)] = IGNORE_INDEX
     return lut[seg].reshape(height, width)
 
 

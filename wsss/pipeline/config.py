@@ -52,6 +52,7 @@ class CamsConfig:
     gamma: float = 2.0
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    view_weighting: str = "area"
     baselines: tuple[str, ...] = ("gradcam", "gradcam++")
     labels: str = "auto"
     batch_size: int = 1
@@ -66,6 +67,10 @@ class CamsConfig:
         if bad:
             raise ConfigError(f"cams.baselines {bad} unknown; choose from {sorted(BASELINES)}")
         _positive_numbers("cams.scales", self.scales)
+        from wsss.cams import VIEW_WEIGHTINGS
+
+        if self.view_weighting not in VIEW_WEIGHTINGS:
+            raise ConfigError(f"cams.view_weighting {self.view_weighting!r} unknown; choose from {', '.join(VIEW_WEIGHTINGS)}")
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,14 @@ class EvalCamsConfig:
 
 @dataclass(frozen=True)
 class PseudoConfig:
-    """``pseudo``: eq. 10's background threshold and SLIC overrides (None = the stage's default)."""
+    """``pseudo``: eq. 10's background threshold (or, with ``threshold_from_seeds``, each CAM
+    folder's best seed threshold of this run's eval-cams sweep on ``eval_split``), the optional
+    uncertain band up to ``ignore_below`` (left at 255), and SLIC overrides (None = the stage's
+    default)."""
 
     threshold: float = 0.3
+    threshold_from_seeds: bool = False
+    ignore_below: float | None = None
     n_segments: int | None = None
     compactness: float | None = None
     sigma: float | None = None
@@ -89,6 +99,8 @@ class PseudoConfig:
     def __post_init__(self):
         if not math.isfinite(self.threshold):
             raise ConfigError(f"pseudo.threshold must be a finite number, got {self.threshold!r}")
+        if self.ignore_below is not None and not (math.isfinite(self.ignore_below) and self.ignore_below > self.threshold):
+            raise ConfigError(f"pseudo.ignore_below must be a number above pseudo.threshold ({self.threshold}), got {self.ignore_below!r}")
 
     def slic(self) -> dict[str, Any]:
         """The SLIC options given (the others keep SLIC_DEFAULTS)."""

@@ -27,7 +27,8 @@ def build_results(config: PipelineConfig, data_root: Path, manifest: Callable[[s
         rows.append({"stage": "CAM seeds", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["best_miou"],
                      "best_threshold": row["best_threshold"], "miou_at_0.3": row["miou_at_0.3"]})
     for name, row in results_of("eval-pseudo").items():
-        rows.append({"stage": "pseudo-labels", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["miou"]})
+        rows.append({"stage": "pseudo-labels", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["miou"],
+                     **{key: row[key] for key in ("labelled_share", "miou_labelled") if key in row}})
     for split, row in prediction_rows.items():
         rows.append({"stage": "segmenter", "method": SEGMENTER_METHOD, "metric": "mIoU", "split": split, "value": row["miou"]})
     return {"data_root": str(data_root), "cam_split": config.cam_split, "eval_split": config.eval_split, "val_split": config.val_split,
@@ -48,4 +49,6 @@ def results_table(results: dict[str, Any]) -> str:
         best = _fmt(row.get("best_threshold"), percent=False) if "best_threshold" in row else ""
         at03 = _fmt(row.get("miou_at_0.3")) if "miou_at_0.3" in row else ""
         lines.append(f"{row['stage']:<14} {row['method']:<44} {row['split']:<9} {row['metric']:<6} {_fmt(row['value']):>6} {best:>8} {at03:>6}")
+        if row.get("labelled_share", 1) < 1:  # labels that leave uncertain pixels at 255 (counted as background above)
+            lines.append(f"{'':<14}   labels {_fmt(row['labelled_share'])}% of the pixels; mIoU on them {_fmt(row['miou_labelled'])}")
     return "\n".join(lines)

@@ -169,7 +169,7 @@ def cams_step(run: Run) -> dict[str, Any]:
         run.say(f"  cams/{name}: {variant.method} at {','.join(variant.layers)}")
     counts = make_cams(
         run.out / "classifier" / "best.ckpt", run.data_root, {run.out / "cams" / name: v for name, v in variants.items()},
-        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, batch_size=c.batch_size,
+        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, view_weighting=c.view_weighting, batch_size=c.batch_size,
         num_workers=c.num_workers, accelerator=c.accelerator, devices=c.devices, progress=False,
     )
     return {"counts": {name: dataclasses.asdict(counts[run.out / "cams" / name]) for name in variants}}
@@ -196,26 +196,40 @@ def pseudo_labels_step(run: Run) -> dict[str, Any]:
     from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_labels
 
     c = run.config.pseudo
-    counts = {}
+    counts, thresholds = {}, {}
     for name in run.pseudo_variants():
+        thresholds[name] = seed_threshold(run, name) if c.threshold_from_seeds else c.threshold
+        if c.ignore_below is not None and c.ignore_below <= thresholds[name]:
+            raise ConfigError(f"pseudo.ignore_below {c.ignore_below} is not above the threshold {thresholds[name]} of {name}")
+        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, slic=c.slic())
         summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
-                                     params=PseudoLabelParams(threshold=c.threshold, slic=c.slic()), workers=c.workers, progress=False)
-        run.say(f"  pseudo/{name}: {summary.line()}")
+                                     params=params, workers=c.workers, progress=False)
+        run.say(f"  pseudo/{name}: threshold {thresholds[name]:g}; {summary.line()}")
         summary.raise_for_failures()
         counts[name] = {"written": summary.written, "skipped": summary.skipped_existing}
-    return {"counts": counts}
+    return {"counts": counts, "thresholds": thresholds}
+
+
+def seed_threshold(run: Run, folder: str) -> float:
+    """The best background threshold of ``folder``'s fused maps in this run's seed sweep (eval-cams)."""
+    results = (read_manifest(run.out, "eval-cams") or {}).get("results") or {}
+    row = next((row for row, name, key in SEED_ROWS if name == folder and key is None), None)
+    if row not in results:
+        raise DataError(f"pseudo.threshold_from_seeds: eval-cams has no seed sweep of {folder} ({row!r}); rerun with --from eval-cams")
+    return float(results[row]["best_threshold"])
 
 
 def eval_pseudo_step(run: Run) -> dict[str, Any]:
-    from wsss.stages.evaluate import evaluate_labels
+    from wsss.stages.evaluate import evaluate_label_maps
 
     ids = run.ids(run.config.eval_split)
     rows = {}
     for row, folder in PSEUDO_ROWS:
         if folder in run.pseudo_variants():
-            scores = evaluate_labels(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
-            rows[row] = {"miou": float(scores.miou)}
-            run.say(f"  {row}: pseudo-label mIoU {100 * scores.miou:.1f}")
+            scores = evaluate_label_maps(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
+            rows[row] = {"miou": float(scores.scores.miou), "labelled_share": scores.labelled_share,
+                         "miou_labelled": float(scores.labelled.miou)}
+            run.say(f"  {row}: pseudo-label mIoU {100 * scores.scores.miou:.1f}")
     return {"counts": {"images": len(ids)}, "results": rows}
 
 
@@ -286,7 +300,7 @@ STEPS = (
          complete=lambda run: _all_files(run, "cams", {v: run.ids(run.config.cam_split) for v in run.cam_variants()}, ".npz"),
          also_hashed=lambda run: {"split": run.config.cam_split}),
     Step("eval-cams", eval_cams_step, "eval_cams", ("cams",), also_hashed=lambda run: {"split": run.config.eval_split}),
-    Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams",), outputs=lambda run: [run.out / "pseudo"],
+    Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams", "eval-cams"), outputs=lambda run: [run.out / "pseudo"],
          complete=lambda run: _all_files(run, "pseudo", {v: run.ids(run.config.cam_split) for v in run.pseudo_variants()}, ".png"),
          also_hashed=lambda run: {"split": run.config.cam_split}),
     Step("eval-pseudo", eval_pseudo_step, None, ("pseudo-labels",), also_hashed=lambda run: {"split": run.config.eval_split}),

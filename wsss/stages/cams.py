@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss.cams import METHODS
+from wsss.cams import METHODS, VIEW_WEIGHTINGS
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
@@ -53,6 +53,7 @@ def make_cams(
     gamma: float = 2.0,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    view_weighting: str = "area",
     batch_size: int = 1,
     num_workers: int = 2,
     overwrite: bool = False,
@@ -72,7 +73,8 @@ def make_cams(
 
     ``checkpoint``: a ``train-cls`` checkpoint. ``labels``: the image-level label source
     (:class:`~wsss.data.voc.ImageLabels`). Each variant's layers are fused (eq. 9) after each is
-    summed over the views ``scales`` x (``flip``). ``output_format``: ``npz``, or ``irn`` for IRN's
+    summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
+    (:func:`wsss.cams.accumulate_multiscale`). ``output_format``: ``npz``, or ``irn`` for IRN's
     ``.npy`` layout (no ``save_layers``). ``accelerator``/``devices``/``strategy`` go to the
     Trainer: under DDP each image is written by exactly one process, and the counts are everyone's.
     """
@@ -89,7 +91,8 @@ def make_cams(
     for out_dir in folders:
         ensure_output_dir(out_dir)
     # Variants are named after their folder in the predictor's items and the writer.
-    predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip)
+    predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
+                             view_weighting)
     done = frozenset() if overwrite else frozenset(
         path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
     todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
@@ -127,6 +130,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gamma", type=float, default=2.0, help="tanh scaling factor (paper: 2)")
     parser.add_argument("--scales", type=options.scales, default="1.0", help="comma-separated input scales; 'irn' = 1.0,0.5,1.5,2.0")
     parser.add_argument("--flip", action="store_true", help="also use horizontally flipped inputs")
+    parser.add_argument("--view-weighting", default="area", choices=VIEW_WEIGHTINGS,
+                        help="how the views' maps are made comparable before they are summed: area (x scale^2, undoing the "
+                        "pooled map's 1/(h*w); default), max (each view divided by its maximum), none (raw sum)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (equal-sized images share it)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--save-layers", action="store_true", help="also store each layer's normalised map, named after the layer")
@@ -139,7 +145,7 @@ def main(argv: list[str]) -> int:
     variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers)
     counts = make_cams(
         args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
-        scales=args.scales, flip=args.flip, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
+        scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
         output_format=args.format, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
     )[Path(args.out)]
     if is_global_zero():

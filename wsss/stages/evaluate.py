@@ -7,7 +7,9 @@ nothing here counts pixels or divides by itself.
 Conventions: GT pixels labelled 255 are ignored. A *prediction* pixel labelled 255 (a pseudo-label
 method's "don't know") is scored as background 0, the field's convention for evaluating
 pseudo-labels (IRN, AMN, ...): every non-ignored GT pixel is counted, so leaving pixels undecided is
-not rewarded. Predictions may be index (``L``) or palette (``P``) PNGs; palette colours are ignored.
+not rewarded; :class:`LabelScores` adds the scores on the labelled pixels alone and their share,
+for methods that leave uncertain pixels unlabelled. Predictions may be index (``L``) or palette
+(``P``) PNGs; palette colours are ignored.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +33,47 @@ from wsss.stages import options
 log = logging.getLogger(__name__)
 
 
+UNLABELLED = NUM_LABELS  # confusion column of prediction pixels labelled 255
+
+
 def pair_confusion(pred_path: Path, gt_path: Path) -> np.ndarray:
-    """(21, 21) confusion of one prediction PNG vs its GT mask (prediction 255 -> background)."""
+    """(21, 22) confusion of one prediction PNG vs its GT mask: columns 0..20 the predicted labels,
+    column 21 the pixels the prediction leaves unlabelled (255)."""
     pred = read_label_png(pred_path)
     gt = read_label_png(gt_path)
     if pred.shape != gt.shape:
         raise DataError(f"{pred_path}: prediction is {pred.shape[0]}x{pred.shape[1]} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
-    pred = np.where(pred == IGNORE_INDEX, np.uint8(0), pred)
-    return confusion_matrix(pred, gt, NUM_LABELS, IGNORE_INDEX)
+    pred = np.where(pred == IGNORE_INDEX, np.uint8(UNLABELLED), pred)
+    return confusion_matrix(pred, gt, NUM_LABELS + 1, IGNORE_INDEX)[:NUM_LABELS]
 
 
 def _confusion_of_chunk(pairs: list[tuple[Path, Path]]) -> tuple[int, np.ndarray]:
-    return len(pairs), sum((pair_confusion(pred, gt) for pred, gt in pairs), np.zeros((NUM_LABELS, NUM_LABELS), np.int64))
+    return len(pairs), sum((pair_confusion(pred, gt) for pred, gt in pairs), np.zeros((NUM_LABELS, NUM_LABELS + 1), np.int64))
 
 
-def evaluate_labels(
+@dataclass(frozen=True)
+class LabelScores:
+    """Scores of label maps that may leave pixels unlabelled (255).
+
+    ``scores``: the field's convention, an unlabelled pixel counted as background; ``labelled``:
+    the same scores over the labelled pixels only (the labels' precision); ``labelled_share``: the
+    fraction of the GT's non-ignored pixels the maps label."""
+
+    scores: SegmentationScores
+    labelled: SegmentationScores
+    labelled_share: float
+
+    @classmethod
+    def from_confusion(cls, confusion: np.ndarray) -> LabelScores:
+        """From a (21, 22) confusion whose last column counts unlabelled pixels."""
+        as_background = confusion[:, :NUM_LABELS].copy()
+        as_background[:, 0] += confusion[:, UNLABELLED]
+        total = confusion.sum()
+        return cls(scores_from_confusion(as_background), scores_from_confusion(confusion[:, :NUM_LABELS]),
+                   float(1 - confusion[:, UNLABELLED].sum() / total) if total else float("nan"))
+
+
+def evaluate_label_maps(
     pred_dir: str | Path,
     gt_dir: str | Path,
     ids: Sequence[str],
@@ -52,11 +81,12 @@ def evaluate_labels(
     skip_missing: bool = False,
     chunk_size: int = 32,
     progress: bool = False,
-) -> SegmentationScores:
-    """Scores of ``pred_dir/<id>.png`` against ``gt_dir/<id>.png`` over ``ids``, one summed confusion.
+) -> LabelScores:
+    """:class:`LabelScores` of ``pred_dir/<id>.png`` against ``gt_dir/<id>.png`` over ``ids``, from
+    one confusion summed over the split.
 
     Args:
-        pred_dir: predictions (index or palette PNGs, values 0..20 or 255 = scored as background).
+        pred_dir: predictions (index or palette PNGs, values 0..20 or 255 = unlabelled).
         gt_dir: ground-truth masks (255 ignored).
         ids: image ids to evaluate.
         workers: decoding processes.
@@ -81,7 +111,13 @@ def evaluate_labels(
         if not ids:
             raise DataError(f"no prediction in {pred_dir} for any of the listed ids")
     pairs = [(pred_dir / f"{i}.png", gt_dir / f"{i}.png") for i in ids]
-    return scores_from_confusion(sum_in_chunks(_confusion_of_chunk, pairs, workers, chunk_size, "evaluate", progress))
+    return LabelScores.from_confusion(sum_in_chunks(_confusion_of_chunk, pairs, workers, chunk_size, "evaluate", progress))
+
+
+def evaluate_labels(pred_dir: str | Path, gt_dir: str | Path, ids: Sequence[str], **kwargs) -> SegmentationScores:
+    """The field's scores of a folder of label maps (unlabelled pixels counted as background):
+    ``evaluate_label_maps(...).scores``, with the same arguments."""
+    return evaluate_label_maps(pred_dir, gt_dir, ids, **kwargs).scores
 
 
 def main(argv: list[str]) -> int:
@@ -106,8 +142,13 @@ def main(argv: list[str]) -> int:
         raise DataError(f"{len(missing)} of {len(ids)} ids have no prediction in {args.pred}: {name_some(missing)} "
                         "(pass --skip-missing to leave them out)")
     present = [i for i in ids if i not in set(missing)]
-    scores = evaluate_labels(args.pred, args.gt, present, workers=args.workers, progress=True)
+    label_scores = evaluate_label_maps(args.pred, args.gt, present, workers=args.workers, progress=True)
+    scores = label_scores.scores
     print(scores.table(LABEL_NAMES))
+    if label_scores.labelled_share < 1:
+        print(f"the predictions label {100 * label_scores.labelled_share:.1f}% of the pixels (255 elsewhere, counted as background "
+              f"above); on the labelled pixels: mIoU {100 * label_scores.labelled.miou:.2f}, "
+              f"pixel accuracy {100 * label_scores.labelled.pixel_accuracy:.2f}")
     print(f"{len(present)} images evaluated in {time.perf_counter() - start:.1f}s"
           + (f"; {len(missing)} skipped (no prediction): {name_some(missing)}" if missing else ""))
     if args.json is not None:
@@ -118,6 +159,8 @@ def main(argv: list[str]) -> int:
             "pred_dir": str(args.pred),
             "gt_dir": str(args.gt),
             "convention": "GT 255 ignored; prediction 255 scored as background (0)",
+            "labelled_share": label_scores.labelled_share,
+            "labelled": label_scores.labelled.to_dict(LABEL_NAMES),
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}")

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from wsss.data import resolve_data_root
 from wsss.data.modules import PredictDataModule
 from wsss.data.voc import VOCLayout
-from wsss.errors import MAX_NAMED, DataError, name_some
+from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
 from wsss.formats.label_png import is_valid_label_png, write_label_png
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, threshold: float = DEFAULT_THRESHOLD,
-                      key: str | None = None, **slic_kwargs: Any) -> np.ndarray:
-    """Load an image and its CAM file, vote per superpixel (eq. 10), write ``out_path`` atomically.
+                      key: str | None = None, ignore_below: float | None = None, **slic_kwargs: Any) -> np.ndarray:
+    """Load an image and its CAM file, vote per superpixel (eq. 10; superpixels scored in
+    [``threshold``, ``ignore_below``) left at 255), write ``out_path`` atomically.
 
     Returns the (H, W) uint8 label map. ``out_path=None`` skips writing (sweeps, tests).
     Raises DataError naming the file on any input problem.
@@ -50,7 +51,7 @@ def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, t
             f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but image {image_path.name} "
             f"is {image.shape[0]}x{image.shape[1]} (CAMs must be at the original image size)"
         )
-    label_map = superpixel_labels(image, cams, classes, threshold=threshold, **slic_kwargs)
+    label_map = superpixel_labels(image, cams, classes, threshold=threshold, ignore_below=ignore_below, **slic_kwargs)
     if out_path is not None:
         write_label_png(out_path, label_map)
     return label_map
@@ -71,6 +72,7 @@ class PseudoLabelParams:
     """Settings shared by every image."""
 
     threshold: float = DEFAULT_THRESHOLD
+    ignore_below: float | None = None  # uncertain band [threshold, ignore_below) -> 255; None: the paper
     slic: dict[str, Any] = field(default_factory=dict)  # overrides of SLIC_DEFAULTS
     key: str | None = None
     overwrite: bool = False
@@ -125,7 +127,8 @@ class PseudoLabelDataset(Dataset):
         try:
             if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
                 return item
-            item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, **params.slic)
+            item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, params.ignore_below,
+                                                   **params.slic)
             item["status"] = "labelled"
         except DataError as exc:
             item.update(status="failed", message=str(exc))
@@ -198,6 +201,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder for <id>.png")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--threshold", type=options.finite, default=DEFAULT_THRESHOLD, help="background threshold on a superpixel's mean CAM score (default: 0.3)")
+    parser.add_argument("--ignore-below", type=options.finite, default=None,
+                        help="superpixels whose best score is at least --threshold but below this are left unlabelled (255), "
+                        "which the segmenter ignores (default: none, the paper's rule labels every pixel)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes per device process; 1 = none (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
@@ -214,7 +220,9 @@ def main(argv: list[str]) -> int:
     options.check_at_least("--compactness", args.compactness, 0, strict=True)
     options.check_at_least("--sigma", args.sigma, 0)
     slic = {k: v for k, v in (("n_segments", args.n_segments), ("compactness", args.compactness), ("sigma", args.sigma)) if v is not None}
-    params = PseudoLabelParams(threshold=args.threshold, slic=slic, key=args.key, overwrite=args.overwrite)
+    if args.ignore_below is not None and args.ignore_below <= args.threshold:
+        raise ConfigError(f"--ignore-below {args.ignore_below:g} must be above --threshold {args.threshold:g}")
+    params = PseudoLabelParams(threshold=args.threshold, ignore_below=args.ignore_below, slic=slic, key=args.key, overwrite=args.overwrite)
     summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, params=params, workers=args.workers,
                                  skip_missing=args.skip_missing, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
     if not is_global_zero():  # the summary holds every process's totals; one process reports them

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from wsss.cams import METHODS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
+from wsss.cams import METHODS, VIEW_WEIGHTINGS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
 from wsss.segmentation import dense_crf, denormalize, image_probabilities
@@ -32,7 +32,8 @@ class CamVariant:
 class CamPredictor(pl.LightningModule):
     """Per image: the maps of its image-level classes for every :class:`CamVariant` (keyed by name),
     all from one forward and one backward per class slot (:func:`wsss.cams.compute_cam_sets`). Each
-    variant's layer maps are summed over the views (``scales`` x ``flip``) at the image size, then
+    variant's layer maps are summed over the views (``scales`` x ``flip``, made comparable by
+    ``view_weighting``: see :func:`wsss.cams.accumulate_multiscale`) at the image size, then
     fused (LayerCAM eq. 9). Items: ``{"id", "classes" (K,) label values, "variants": {name: {"cams"
     (K, H, W) float32 fused, "layers": {layer: (K, H, W) float16 normalised}}}}``.
 
@@ -40,7 +41,7 @@ class CamPredictor(pl.LightningModule):
     """
 
     def __init__(self, classifier: torch.nn.Module, variants: Mapping[str, CamVariant], gamma: float = 2.0,
-                 scales: Sequence[float] = (1.0,), flip: bool = False):
+                 scales: Sequence[float] = (1.0,), flip: bool = False, view_weighting: str = "area"):
         super().__init__()
         if not variants:
             raise ConfigError("no CAM variants requested")
@@ -64,6 +65,9 @@ class CamPredictor(pl.LightningModule):
             layers = self.requests.setdefault(variant.method, [])
             layers += [layer for layer in variant.layers if layer not in layers]
         self.views = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
+        if view_weighting not in VIEW_WEIGHTINGS:
+            raise ConfigError(f"unknown view weighting {view_weighting!r}; choose one of {', '.join(VIEW_WEIGHTINGS)}")
+        self.view_weighting = view_weighting
 
     def _view_maps(self, images: list[torch.Tensor], class_ids: list[list[int]], scale: float, flipped: bool) -> list[dict]:
         """Raw ``{method: {layer: maps}}`` of every image for one view; images of equal size share a batch."""
@@ -85,7 +89,7 @@ class CamPredictor(pl.LightningModule):
 
     def _variant(self, variant: CamVariant, views: list[dict], size: tuple[int, int]) -> dict[str, Any]:
         summed = accumulate_multiscale([[view[variant.method][layer] for layer in variant.layers] for view in views],
-                                       [flipped for _, flipped in self.views], size)
+                                       [flipped for _, flipped in self.views], size, [scale for scale, _ in self.views], self.view_weighting)
         fused = fuse_cams(summed, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma)
         layer_maps = {layer: normalize_maps(maps).cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, summed)}
         # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
