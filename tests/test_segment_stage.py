@@ -11,7 +11,8 @@ import torch
 from wsss.cli import main as wsss_main
 from wsss.data.voc import VOCLayout
 from wsss.formats.label_png import read_label_png, write_label_png
-from wsss.segmentation import aligned_size, crf_available, image_logits, image_probabilities, nearest_labels
+from wsss.crf import crf_available
+from wsss.segmentation import aligned_size, image_logits, image_probabilities, nearest_labels
 from wsss.systems.segmenter import SegmenterSystem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def test_dense_crf_snaps_a_blurry_boundary_to_the_colour_edge():
     """With pydensecrf installed (`pip install -e ".[crf]"`), the CRF moves a soft, misplaced
     boundary onto the image's colour edge; skipped where the optional extra is absent."""
     pytest.importorskip("pydensecrf.densecrf")
-    from wsss.segmentation import dense_crf
+    from wsss.crf import dense_crf
 
     height, width = 40, 60
     image = np.zeros((height, width, 3), np.uint8)

@@ -1,4 +1,4 @@
-"""DeepLab inference on whole images: geometry, test-time augmentation, dense CRF. Tensor math only
+"""DeepLab inference on whole images: geometry and test-time augmentation. Tensor math only
 (no Lightning, no files), shared by validation (:class:`wsss.systems.segmenter.SegmenterSystem`) and
 prediction (:class:`wsss.systems.predictors.SegmenterPredictor`), so both give the same labels for
 the same model.
@@ -18,13 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.errors import ConfigError
 from wsss.models.deeplab import OUTPUT_STRIDE
 
-CRF_INSTALL_HINT = "dense CRF needs pydensecrf: pip install 'wsss[crf]' (or pip install pydensecrf2)"
-# DeepLab-LargeFOV's cross-validated dense-CRF parameters on VOC (Chen et al. 2015):
-# bilateral w=4, theta_xy=121, theta_rgb=5; Gaussian w=3, theta_xy=3; 10 mean-field iterations.
-CRF_PARAMS = {"bi_w": 4.0, "bi_xy": 121.0, "bi_rgb": 5.0, "pos_w": 3.0, "pos_xy": 3.0, "iterations": 10}
 
 
 def aligned_size(size: int, stride: int = OUTPUT_STRIDE) -> int:
@@ -70,34 +65,6 @@ def image_probabilities(model: Callable[[torch.Tensor], torch.Tensor], image: to
         passes += probs.shape[0]
     assert total is not None, "scales must not be empty"
     return total / passes
-
-
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: dict[str, float] = CRF_PARAMS) -> np.ndarray:
-    """Refine (C, H, W) probabilities with a fully connected CRF on the (H, W, 3) uint8 image.
-
-    Unary: -log p. Pairwise: a Gaussian (smoothness) and a bilateral (appearance) kernel with
-    DeepLab's parameters. Returns refined (C, H, W) float32 marginals. Needs ``pydensecrf``.
-    """
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError:
-        raise ConfigError(f"--crf: {CRF_INSTALL_HINT}") from None
-    classes, height, width = probs.shape
-    crf = dcrf.DenseCRF2D(width, height, classes)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    crf.addPairwiseGaussian(sxy=params["pos_xy"], compat=params["pos_w"])
-    crf.addPairwiseBilateral(sxy=params["bi_xy"], srgb=params["bi_rgb"], rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params["bi_w"])
-    marginals = crf.inference(int(params["iterations"]))
-    return np.asarray(marginals, dtype=np.float32).reshape(classes, height, width)
-
-
-def crf_available() -> bool:
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:

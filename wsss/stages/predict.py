@@ -18,7 +18,7 @@ from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
 from wsss.formats.label_png import missing_label_pngs
 from wsss.io import ensure_output_dir
-from wsss.segmentation import CRF_INSTALL_HINT, crf_available
+from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.stages import options
 from wsss.systems.checkpoints import load_segmenter
 from wsss.systems.predictors import SegmenterPredictor

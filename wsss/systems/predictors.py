@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from wsss.cams import METHODS, VIEW_WEIGHTINGS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
-from wsss.segmentation import dense_crf, denormalize, image_probabilities
+from wsss.crf import dense_crf
+from wsss.segmentation import denormalize, image_probabilities
 
 
 @dataclass(frozen=True)
