@@ -239,3 +239,36 @@ def test_cam_seed_bad_inputs_raise():
         cam_seed_labels(cams, [1, 2], float("inf"))
     with pytest.raises(ValueError, match="shape"):
         seed_labels_from_best(np.zeros((3, 3)), np.zeros((3, 4), np.uint8), 0.3)
+
+
+def test_crf_scores_snap_a_blurry_cam_to_the_colour_edge():
+    """Left half dark, right half bright; the class map is a blur that spills 6 px over the edge
+    at scores above the threshold. Without CRF the spill is foreground; with it, the label follows
+    the edge (pixel argmax and superpixel vote alike)."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from wsss.pseudo import crf_scores
+
+    height, width, edge = 24, 48, 24
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, edge:] = 230
+    cam = np.zeros((height, width), np.float32)
+    cam[:, : edge + 6] = 0.9
+    cam = np.clip(gaussian_filter(cam, sigma=(0, 3)), 0, 1)[None]
+    assert (cam[0, :, edge:edge + 4] > 0.3).all()  # the spill a plain threshold keeps
+    plain = superpixel_labels(image, cam, [5], threshold=0.3, segments=np.arange(width)[None].repeat(height, 0))
+    assert (plain[:, edge:edge + 4] == 5).all()
+    scores = crf_scores(image, cam, threshold=0.3)
+    assert scores.shape == (2, height, width) and np.allclose(scores.sum(0), 1, atol=1e-4)
+    pixel = np.where(scores.argmax(0) == 1, 5, 0)
+    assert (pixel[:, 2:edge - 2] == 5).all() and (pixel[:, edge:] == 0).all()
+    voted = superpixel_labels(image, scores[1:], [5], segments=np.arange(width)[None].repeat(height, 0), background=scores[0])
+    np.testing.assert_array_equal(voted, pixel)
+
+
+def test_background_map_competes_with_the_classes_by_hand():
+    segments = np.array([[0, 0, 1, 1]])
+    cams = np.array([[[0.3, 0.4, 0.6, 0.6]]])
+    background = np.array([[0.5, 0.5, 0.2, 0.4]])  # means 0.5 and 0.3 vs class means 0.35 and 0.6
+    np.testing.assert_array_equal(superpixel_labels(blank_image(1, 4), cams, [9], segments=segments, background=background), [[0, 0, 9, 9]])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        superpixel_labels(blank_image(1, 4), cams, [9], segments=segments, background=background, ignore_below=0.5)

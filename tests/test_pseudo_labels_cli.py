@@ -340,3 +340,23 @@ def test_ignore_band_leaves_uncertain_superpixels_unlabelled_and_evaluate_scores
 def test_ignore_below_must_lie_above_the_threshold(layout, cam_dir, tmp_path, capsys):
     assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", tmp_path / "o", "--threshold", "0.4", "--ignore-below", "0.3"]) == 2
     assert "--ignore-below 0.3 must be above --threshold 0.4" in capsys.readouterr().err
+
+
+def test_crf_option_votes_on_the_crf_marginals(layout, cam_dir, tmp_path):
+    """`--crf` writes exactly what the math gives: superpixel vote on crf_scores' marginals."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from wsss.pseudo import crf_scores, slic_segments, superpixel_labels
+
+    out = tmp_path / "labels"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", out, "--split", "train", "--workers", 1, "--crf", "--threshold", "0.25"]) == 0
+    plain = tmp_path / "plain"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", plain, "--split", "train", "--workers", 1, "--threshold", "0.25"]) == 0
+    differ = 0
+    for image_id in layout.read_ids("train")[:4]:
+        image = read_image(layout.image_path(image_id))
+        cams, classes = read_cams(cam_dir / f"{image_id}.npz")
+        scores = crf_scores(image, cams.astype(np.float32), 0.25)
+        expected = superpixel_labels(image, scores[1:], classes, segments=slic_segments(image), background=scores[0])
+        np.testing.assert_array_equal(read_label_png(out / f"{image_id}.png"), expected)
+        differ += int((read_label_png(plain / f"{image_id}.png") != expected).sum())
+    assert differ > 0

@@ -101,6 +101,7 @@ def superpixel_labels(
     threshold: float = DEFAULT_THRESHOLD,
     segments: np.ndarray | None = None,
     ignore_below: float | None = None,
+    background: np.ndarray | None = None,
     **slic_kwargs: Any,
 ) -> np.ndarray:
     """Pseudo-label map by superpixel voting (paper eq. 10).
@@ -114,6 +115,10 @@ def superpixel_labels(
     [``threshold``, ``ignore_below``) is neither: it gets 255, which the segmenter's loss ignores
     (as IRN and PSA leave their uncertain seed pixels unlabelled). None (the paper) labels every pixel.
 
+    With ``background`` (an (H, W) map in [0, 1], e.g. the background marginal of
+    :func:`crf_scores`), a superpixel is background when its mean background score exceeds its best
+    class mean, instead of comparing that mean with the constant ``threshold``.
+
     Args:
         image: (H, W, 3) uint8 RGB image (only its shape is used when ``segments`` is given).
         cams: (K, H, W) float maps in [0, 1].
@@ -122,6 +127,7 @@ def superpixel_labels(
         segments: optional precomputed (H, W) integer superpixel ids (any integers); otherwise
             :func:`slic_segments` is run with ``slic_kwargs``.
         ignore_below: upper end of the uncertain band (see above), or None.
+        background: per-pixel background score competing with the classes (see above), or None.
 
     Returns:
         (H, W) uint8 label map with values in {0} ∪ ``classes`` (∪ {255} with ``ignore_below``).
@@ -135,6 +141,11 @@ def superpixel_labels(
         raise ValueError(f"threshold must be finite, got {threshold}")
     if ignore_below is not None and not (np.isfinite(ignore_below) and ignore_below > threshold):
         raise ValueError(f"ignore_below must be a finite number above threshold {threshold}, got {ignore_below}")
+    if background is not None:
+        if ignore_below is not None:
+            raise ValueError("ignore_below works on the constant threshold; it cannot be combined with a background map")
+        if background.shape != (height, width) or not np.isfinite(background).all():
+            raise ValueError(f"background must be a finite (H, W) = {(height, width)} map, got shape {background.shape}")
     if segments is None:
         if len(class_values) == 0:
             return np.zeros((height, width), dtype=np.uint8)  # no class to vote for: skip SLIC
@@ -159,6 +170,8 @@ def superpixel_labels(
     means = sums / np.maximum(counts, 1)  # empty bins (unused ids) are never looked up
     best = means.argmax(axis=0)  # argmax returns the first maximum: earlier class wins ties
     best_score = means[best, np.arange(num_bins)]
+    if background is not None:
+        threshold = np.bincount(seg, weights=background.reshape(-1), minlength=num_bins) / np.maximum(counts, 1)
     lut = np.where(best_score < threshold, 0, class_values[best]).astype(np.uint8)
     if ignore_below is not None:
         lut[(best_score >= threshold) & (best_score < ignore_below)] = IGNORE_INDEX
@@ -214,3 +227,28 @@ def cam_seed_labels(
     """
     best_score, best_label = cam_best_class(cams, classes)
     return seed_labels_from_best(best_score, best_label, bg_threshold)
+
+
+# Dense-CRF parameters for CAM scores, as PSA and IRN refine theirs: a wider, more colour-tolerant
+# appearance kernel than DeepLab's (the scores are coarse blobs, not a segmenter's sharp output).
+CAM_CRF_PARAMS: dict[str, float] = {"bi_w": 10.0, "bi_xy": 80.0, "bi_rgb": 13.0, "pos_w": 3.0, "pos_xy": 3.0, "iterations": 10}
+
+
+def crf_scores(image: np.ndarray, cams: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+               params: dict[str, float] = CAM_CRF_PARAMS) -> np.ndarray:
+    """Refine CAM scores with a dense CRF on the image: (K+1, H, W) marginals, background first.
+
+    The unary probabilities are the scores [``threshold`` everywhere, ``cams[0]``, ...], clipped
+    at 1e-5 and normalised per pixel; so before any refinement, a pixel's argmax is eq. 10's rule
+    (background unless a class scores above ``threshold``). Feed ``[1:]`` and ``background=[0]`` to
+    :func:`superpixel_labels`. Needs ``pydensecrf`` (the ``crf`` extra).
+    """
+    from wsss.crf import dense_crf
+
+    _check_image(image)
+    _check_cams(cams, np.arange(1, len(cams) + 1))
+    if cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams have spatial shape {cams.shape[1:]}, image has {image.shape[:2]}")
+    scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams.astype(np.float32)])
+    probs = np.maximum(scores, 1e-5)
+    return dense_crf(image, probs / probs.sum(axis=0, keepdims=True), params)

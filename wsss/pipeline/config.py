@@ -85,12 +85,13 @@ class EvalCamsConfig:
 class PseudoConfig:
     """``pseudo``: eq. 10's background threshold (or, with ``threshold_from_seeds``, each CAM
     folder's best seed threshold of this run's eval-cams sweep on ``eval_split``), the optional
-    uncertain band up to ``ignore_below`` (left at 255), and SLIC overrides (None = the stage's
-    default)."""
+    uncertain band up to ``ignore_below`` (left at 255), the dense-CRF refinement ``crf``, and SLIC
+    overrides (None = the stage's default)."""
 
     threshold: float = 0.3
     threshold_from_seeds: bool = False
     ignore_below: float | None = None
+    crf: bool = False
     n_segments: int | None = None
     compactness: float | None = None
     sigma: float | None = None
@@ -101,6 +102,8 @@ class PseudoConfig:
             raise ConfigError(f"pseudo.threshold must be a finite number, got {self.threshold!r}")
         if self.ignore_below is not None and not (math.isfinite(self.ignore_below) and self.ignore_below > self.threshold):
             raise ConfigError(f"pseudo.ignore_below must be a number above pseudo.threshold ({self.threshold}), got {self.ignore_below!r}")
+        if self.crf and self.ignore_below is not None:
+            raise ConfigError("pseudo.crf and pseudo.ignore_below cannot be combined (the band is on the constant threshold the CRF replaces)")
 
     def slic(self) -> dict[str, Any]:
         """The SLIC options given (the others keep SLIC_DEFAULTS)."""

@@ -201,7 +201,7 @@ def pseudo_labels_step(run: Run) -> dict[str, Any]:
         thresholds[name] = seed_threshold(run, name) if c.threshold_from_seeds else c.threshold
         if c.ignore_below is not None and c.ignore_below <= thresholds[name]:
             raise ConfigError(f"pseudo.ignore_below {c.ignore_below} is not above the threshold {thresholds[name]} of {name}")
-        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, slic=c.slic())
+        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, crf=c.crf, slic=c.slic())
         summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
                                      params=params, workers=c.workers, progress=False)
         run.say(f"  pseudo/{name}: threshold {thresholds[name]:g}; {summary.line()}")

@@ -27,7 +27,8 @@ from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
 from wsss.formats.label_png import is_valid_label_png, write_label_png
 from wsss.io import ensure_output_dir
-from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, superpixel_labels
+from wsss.crf import CRF_INSTALL_HINT, crf_available
+from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
 from wsss.stages import options
 from wsss.systems.predictors import PassThroughPredictor
 from wsss.systems.writers import PseudoLabelWriter
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, threshold: float = DEFAULT_THRESHOLD,
-                      key: str | None = None, ignore_below: float | None = None, **slic_kwargs: Any) -> np.ndarray:
+                      key: str | None = None, ignore_below: float | None = None, crf: bool = False, **slic_kwargs: Any) -> np.ndarray:
     """Load an image and its CAM file, vote per superpixel (eq. 10; superpixels scored in
-    [``threshold``, ``ignore_below``) left at 255), write ``out_path`` atomically.
+    [``threshold``, ``ignore_below``) left at 255; with ``crf``, on the dense-CRF marginals of
+    the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically.
 
     Returns the (H, W) uint8 label map. ``out_path=None`` skips writing (sweeps, tests).
     Raises DataError naming the file on any input problem.
@@ -51,7 +53,11 @@ def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, t
             f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but image {image_path.name} "
             f"is {image.shape[0]}x{image.shape[1]} (CAMs must be at the original image size)"
         )
-    label_map = superpixel_labels(image, cams, classes, threshold=threshold, ignore_below=ignore_below, **slic_kwargs)
+    if crf:
+        scores = crf_scores(image, cams, threshold)
+        label_map = superpixel_labels(image, scores[1:], classes, threshold=threshold, background=scores[0], **slic_kwargs)
+    else:
+        label_map = superpixel_labels(image, cams, classes, threshold=threshold, ignore_below=ignore_below, **slic_kwargs)
     if out_path is not None:
         write_label_png(out_path, label_map)
     return label_map
@@ -73,6 +79,7 @@ class PseudoLabelParams:
 
     threshold: float = DEFAULT_THRESHOLD
     ignore_below: float | None = None  # uncertain band [threshold, ignore_below) -> 255; None: the paper
+    crf: bool = False  # vote on the dense-CRF marginals of the scores (wsss.pseudo.crf_scores)
     slic: dict[str, Any] = field(default_factory=dict)  # overrides of SLIC_DEFAULTS
     key: str | None = None
     overwrite: bool = False
@@ -128,7 +135,7 @@ class PseudoLabelDataset(Dataset):
             if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
                 return item
             item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, params.ignore_below,
-                                                   **params.slic)
+                                                   params.crf, **params.slic)
             item["status"] = "labelled"
         except DataError as exc:
             item.update(status="failed", message=str(exc))
@@ -159,6 +166,8 @@ def make_pseudo_labels(
     go to the Trainer, and under DDP each image is done by exactly one process and the summary
     holds the totals of all of them.
     """
+    if params.crf and not crf_available():
+        raise ConfigError(f"pseudo-labels with a dense CRF: {CRF_INSTALL_HINT}")
     start = time.perf_counter()
     layout = VOCLayout(resolve_data_root(data_root))
     ids = layout.read_ids(split)
@@ -204,6 +213,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ignore-below", type=options.finite, default=None,
                         help="superpixels whose best score is at least --threshold but below this are left unlabelled (255), "
                         "which the segmenter ignores (default: none, the paper's rule labels every pixel)")
+    parser.add_argument("--crf", action="store_true", help=f"vote on dense-CRF marginals of [threshold, CAM scores] ({CRF_INSTALL_HINT})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes per device process; 1 = none (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
@@ -222,7 +232,10 @@ def main(argv: list[str]) -> int:
     slic = {k: v for k, v in (("n_segments", args.n_segments), ("compactness", args.compactness), ("sigma", args.sigma)) if v is not None}
     if args.ignore_below is not None and args.ignore_below <= args.threshold:
         raise ConfigError(f"--ignore-below {args.ignore_below:g} must be above --threshold {args.threshold:g}")
-    params = PseudoLabelParams(threshold=args.threshold, ignore_below=args.ignore_below, slic=slic, key=args.key, overwrite=args.overwrite)
+    if args.crf and args.ignore_below is not None:
+        raise ConfigError("--crf and --ignore-below cannot be combined (the band is on the constant threshold the CRF replaces)")
+    params = PseudoLabelParams(threshold=args.threshold, ignore_below=args.ignore_below, crf=args.crf, slic=slic, key=args.key,
+                               overwrite=args.overwrite)
     summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, params=params, workers=args.workers,
                                  skip_missing=args.skip_missing, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
     if not is_global_zero():  # the summary holds every process's totals; one process reports them
