@@ -149,6 +149,7 @@ class DeepLabLargeFOV(nn.Module):
             nn.init.zeros_(conv.bias)
         nn.init.normal_(self.fc8.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fc8.bias)
+        self.new_layers: tuple[str, ...] = ("fc8",)  # layers that start random under pretrained ones
         _initialise_from(self, weights)
         freeze_stages(self.features, frozen_stages, batch_norm)
 
@@ -170,14 +171,15 @@ class DeepLabLargeFOV(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split as DeepLab's Caffe solver treats them (see ``LR_MULTIPLIERS``).
 
-        ``weights``/``biases``: conv1..fc7 (pretrained or not); ``head_weights``/``head_biases``: fc8.
-        Every trained parameter is in exactly one group; frozen ones (``frozen_stages``) in none.
+        ``head_weights``/``head_biases``: the layers that start random under pretrained ones
+        (``new_layers``: fc8, and fc6/fc7 when the weights have none to decimate); ``weights``/``biases``:
+        the rest. Every trained parameter is in exactly one group; frozen ones (``frozen_stages``) in none.
         """
         groups: dict[str, list[nn.Parameter]] = {name: [] for name in LR_MULTIPLIERS}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            head = "head_" if name.startswith("fc8.") else ""
+            head = "head_" if name.split(".")[0] in self.new_layers else ""
             kind = "biases" if name.endswith("bias") else "weights"
             groups[head + kind].append(param)
         return groups
@@ -230,6 +232,7 @@ def _small_random_fc(model: DeepLabLargeFOV) -> None:
     weights), so the fan-based (Kaiming) start, right for unit-scale inputs, gave logits in the
     hundreds and a loss that turned to NaN within 20 steps on real photos. A batch-norm trunk's
     outputs are unit-scale: Kaiming stays."""
+    model.new_layers = ("fc6", "fc7", "fc8")
     if model.batch_norm:
         return
     for conv in (model.fc6, model.fc7):

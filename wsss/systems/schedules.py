@@ -22,8 +22,14 @@ def schedule_factor(schedule: str, total_steps: int, power: float = 0.9) -> Call
     return lambda step: 1.0
 
 
-def per_step_schedule(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> dict[str, Any]:
+def held_until(factor: Callable[[int], float], hold_steps: int) -> Callable[[int], float]:
+    """``factor`` with the first ``hold_steps`` steps at 0 (the group does not move yet)."""
+    return lambda step: 0.0 if step < hold_steps else factor(step)
+
+
+def per_step_schedule(optimizer: torch.optim.Optimizer, factor: Callable[[int], float] | list[Callable[[int], float]]) -> dict[str, Any]:
     """What ``configure_optimizers`` returns: ``optimizer`` with each group's lr scaled by
-    ``factor(step)`` at every optimiser step (``LambdaLR`` scales each group's own initial lr)."""
+    ``factor(step)`` at every optimiser step (``LambdaLR`` scales each group's own initial lr);
+    a list gives one factor per param group."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
