@@ -318,6 +318,11 @@ def test_conv_only_weights_file_loads_the_trunk_and_logs_random_fc6_fc7(tmp_path
     torch.manual_seed(5)
     random_init = DeepLabLargeFOV(weights="none", width=NARROW)
     assert float(random_init.fc6.weight.std()) > 0.03  # Kaiming, fan_out = 128 * 9
+    # Random fc6/fc7 under a pretrained trunk learn at the rate of the layers DeepLab adds (fc8's).
+    groups = {name: {id(p) for p in params} for name, params in model.param_groups().items()}
+    assert groups["head_weights"] == {id(model.fc6.weight), id(model.fc7.weight), id(model.fc8.weight)}
+    assert groups["head_biases"] == {id(model.fc6.bias), id(model.fc7.bias), id(model.fc8.bias)}
+    assert id(model.features[28].weight) in groups["weights"]
 
 
 @pytest.mark.parametrize("batch_norm, expected_std", [(False, 0.01), (True, math.sqrt(2 / (128 * 9)))])

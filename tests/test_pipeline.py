@@ -362,9 +362,15 @@ def test_demo_runs_the_toy_pipeline_config_and_writes_the_report(finished_run, t
 def test_shipped_pipeline_configs_load_and_point_at_their_stage_configs():
     from wsss.pipeline import load_config
 
-    for path in (CONFIGS / "pipeline.yaml", CONFIGS.parent / "pipeline.yaml"):
+    for path in (CONFIGS / "pipeline.yaml", *CONFIGS.parent.glob("pipeline*.yaml"), *(CONFIGS.parent / "voc_mini").glob("pipeline*.yaml")):
         config = load_config(path)
         assert config.classifier.config.is_file() and config.segmenter.config.is_file()
+    for folder in (CONFIGS.parent, CONFIGS.parent / "voc_mini"):
+        # The beyond-the-paper presets reuse their paper preset's classifier, CAMs and segmenter:
+        # only stage 3 differs, so one classifier serves every row of the ablation.
+        paper, best = (yaml.safe_load((folder / name).read_text()) for name in ("pipeline.yaml", "pipeline_best.yaml"))
+        assert {key for key in paper.keys() | best.keys() if paper.get(key) != best.get(key)} == {"out", "pseudo"}
+        assert best["pseudo"] == {**paper["pseudo"], "threshold_from_seeds": True}
     toy = load_config(CONFIGS / "pipeline.yaml")
     assert toy.segmenter.overrides["model"]["weights"] == "classifier" and toy.cam_split == "train_aug"
 

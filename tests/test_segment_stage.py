@@ -127,6 +127,37 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(loss_at):
     assert np.isfinite(after) and after < before - 0.05, (before, after)
 
 
+def test_new_layers_first_holds_the_pretrained_layers_still_while_the_new_ones_learn(tmp_path):
+    """Through a real Trainer: for ``new_layers_first`` steps the trunk (pretrained) does not move while
+    fc6/fc7/fc8 (random under a trunk without them) do; afterwards the trunk learns too."""
+    import pytorch_lightning as pl
+
+    from wsss.models.vgg import vgg16_features
+
+    path = tmp_path / "cls.ckpt"  # a plain pretrained trunk without fc6/fc7: the stage-1 classifier's
+    torch.save({"state_dict": {f"model.features.{k}": v for k, v in vgg16_features(0.125).state_dict().items()}}, path)
+    images = torch.randn(2, 3, 33, 33)
+    masks = torch.randint(0, 21, (2, 33, 33))
+    loader = torch.utils.data.DataLoader([{"id": str(n), "image": i, "mask": m} for n, (i, m) in enumerate(zip(images, masks))], batch_size=2)
+
+    def trained(steps: int, hold: int) -> tuple[SegmenterSystem, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        system = SegmenterSystem(weights=f"classifier:{path}", width=0.125, new_layers_first=hold)
+        start = {k: v.clone() for k, v in system.state_dict().items()}
+        pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu").fit(system, loader)
+        return system, start
+
+    system, start = trained(steps=3, hold=3)
+    now = system.state_dict()
+    assert all(value.isfinite().all() for value in now.values())
+    assert torch.equal(now["model.features.28.weight"], start["model.features.28.weight"])
+    assert not torch.equal(now["model.fc6.weight"], start["model.fc6.weight"])
+    assert not torch.equal(now["model.fc8.weight"], start["model.fc8.weight"])
+    system, start = trained(steps=4, hold=3)
+    assert not torch.equal(system.state_dict()["model.features.28.weight"], start["model.features.28.weight"])
+
+
 # ----------------------------------------------------------------------------- train-seg CLI
 def test_train_seg_on_gt_masks_writes_best_and_last(toy_root, tmp_path):
     assert wsss_main(train_args(toy_root, tmp_path, "gt")) == 0
