@@ -169,6 +169,19 @@ def test_failing_stage_is_named_and_keeps_earlier_outputs(finished_run, tmp_path
     assert json.loads((out / "manifests/pseudo-labels.json").read_text())["finished"] is False
 
 
+def test_ignore_band_is_checked_against_the_threshold_that_will_be_used():
+    """With threshold_from_seeds the constant pseudo.threshold is replaced, so a band below it is
+    fine at load time (the pseudo-labels step checks it against each folder's seed threshold)."""
+    from wsss.errors import ConfigError
+    from wsss.pipeline.config import PseudoConfig
+
+    assert PseudoConfig(threshold=0.3, threshold_from_seeds=True, ignore_below=0.25).ignore_below == 0.25
+    with pytest.raises(ConfigError, match=r"above pseudo.threshold \(0.3\)"):
+        PseudoConfig(threshold=0.3, ignore_below=0.25)
+    with pytest.raises(ConfigError, match="above 0"):
+        PseudoConfig(threshold_from_seeds=True, ignore_below=0.0)
+
+
 def test_unknown_key_lists_valid_keys(tmp_path, toy_root, capsys):
     config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", segmentr={"x": 1})
     assert cli_main(["run", "-c", str(config)]) == 2

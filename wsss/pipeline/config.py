@@ -100,8 +100,12 @@ class PseudoConfig:
     def __post_init__(self):
         if not math.isfinite(self.threshold):
             raise ConfigError(f"pseudo.threshold must be a finite number, got {self.threshold!r}")
-        if self.ignore_below is not None and not (math.isfinite(self.ignore_below) and self.ignore_below > self.threshold):
-            raise ConfigError(f"pseudo.ignore_below must be a number above pseudo.threshold ({self.threshold}), got {self.ignore_below!r}")
+        # With threshold_from_seeds the constant threshold is replaced per CAM folder; the step
+        # checks the band against each folder's own threshold.
+        floor = 0.0 if self.threshold_from_seeds else self.threshold
+        if self.ignore_below is not None and not (math.isfinite(self.ignore_below) and self.ignore_below > floor):
+            bound = "0 (the thresholds come from the seeds)" if self.threshold_from_seeds else f"pseudo.threshold ({self.threshold})"
+            raise ConfigError(f"pseudo.ignore_below must be a number above {bound}, got {self.ignore_below!r}")
         if self.crf and self.ignore_below is not None:
             raise ConfigError("pseudo.crf and pseudo.ignore_below cannot be combined (the band is on the constant threshold the CRF replaces)")
 
