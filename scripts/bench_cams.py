@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="order images by their number of classes before batching (as a CAM stage can), "
                              "so batched methods waste no backward work on images with fewer classes")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--channels-last", action="store_true", help="every contender on a channels-last (NHWC) model and images")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -83,6 +84,8 @@ def make_workload(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tens
         warnings.simplefilter("ignore")  # the loud "random weights" warning; random is the point here
         model = CAMClassifier(weights="none", width=args.width_mult).to(args.device).eval()
     images = torch.randn(args.images, 3, args.height, args.width, device=args.device)
+    if args.channels_last:
+        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
     rng = random.Random(args.seed)
     counts = [int(c) for c in args.classes.split(",")] if args.classes else None
     classes = [rng.sample(range(20), counts[n % len(counts)] if counts else rng.randint(1, 3)) for n in range(args.images)]
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = [len(c) for c in classes]
     print(f"device={args.device} images={args.images} size={args.height}x{args.width} width_mult={args.width_mult} "
           f"batch={args.batch_size} warmup={args.warmup} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"group_by_classes={args.group_by_classes}")
+          f"group_by_classes={args.group_by_classes} channels_last={args.channels_last}")
     print(f"classes per image, in batch order: {counts} (maps per layer: {sum(counts)}); layers: {', '.join(STAGES)}")
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -55,9 +55,6 @@ def worker(args: argparse.Namespace) -> dict:
     variants = {cams / "layercam": CamVariant("layercam", ("stage3", "stage4", "stage5"), ("stage3",), True),
                 cams / "gradcam": CamVariant("gradcam", ("stage5",), (), False),
                 cams / "gradcampp": CamVariant("gradcam++", ("stage5",), (), False)}
-    if stage == "pseudo":  # its CAM files first, outside the measurement
-        make_cams(args.checkpoint, args.data_root, variants, split=str(split), batch_size=1, num_workers=0,
-                  accelerator=args.accelerator, progress=False)
     import gc
 
     gc.collect()
@@ -68,7 +65,7 @@ def worker(args: argparse.Namespace) -> dict:
     if stage == "cams":
         make_cams(args.checkpoint, args.data_root, variants, split=str(split), batch_size=batch, num_workers=0,
                   accelerator=args.accelerator, progress=False, overwrite=True)
-    else:
+    else:  # reads the CAM files a "cams" worker left in OUT (a process of its own: ru_maxrss only rises)
         make_pseudo_labels(args.data_root, cams / "layercam", out / "pseudo", split=str(split), workers=1, progress=False)
     result = {"stage": stage, "batch": batch, "images": count, "peak_mib": (peak_bytes() - base) / 2**20}
     if on_gpu:
@@ -89,9 +86,10 @@ def main(argv=None) -> None:
         row = []
         for count in (args.images, 3 * args.images):
             with tempfile.TemporaryDirectory() as tmp:
-                done = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--checkpoint", args.checkpoint,
-                                       "--split", args.split, "--accelerator", args.accelerator, "--worker", stage, batch, str(count), tmp],
-                                      capture_output=True, text=True, env=env)
+                for job in (["cams", "1"], [stage, batch]) if stage == "pseudo" else ([stage, batch],):
+                    done = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--checkpoint", args.checkpoint,
+                                           "--split", args.split, "--accelerator", args.accelerator, "--worker", *job, str(count), tmp],
+                                          capture_output=True, text=True, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode or not lines:
                 print(f"{stage} batch {batch}: failed: {done.stderr.strip().splitlines()[-1:]}")

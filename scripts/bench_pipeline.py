@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (or images) per stage, after one warm-up")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="autocast dtype of training and prediction")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC training and prediction (the training stages' default)")
     parser.add_argument("--cam-batch", type=int, default=4, help="images per CAM forward")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes assumed for pseudo-labels")
     parser.add_argument("--weights", default="none")
@@ -63,7 +64,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     from wsss.cams import compute_cam_sets
     from wsss.pseudo import superpixel_labels
     from wsss.segmentation import image_probabilities
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     rates: dict[str, float] = {}
 
-    classifier = ClassifierSystem(weights=args.weights).to(device, memory_format=memory_format).train()
+    classifier = ClassifierSystem(weights=args.weights, channels_last=args.channels_last).to(device).train()
     images = torch.randn(PAPER["classifier_batch"], 3, PAPER["classifier_crop"], PAPER["classifier_crop"], device=device)
     targets = (torch.rand(PAPER["classifier_batch"], 20, device=device) < 0.1).float()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=1e-3, momentum=0.9)
@@ -81,15 +81,16 @@ def main(argv=None) -> None:
     def classifier_step():
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.multilabel_soft_margin_loss(classifier(images.contiguous(memory_format=memory_format)).float(), targets)
+            loss = F.multilabel_soft_margin_loss(classifier(images).float(), targets)
         loss.backward()
         optimizer.step()
 
     rates["classifier step"] = timed(classifier_step, args.steps, device)
     del optimizer, images
 
-    model = classifier.model.eval()
-    batch = torch.randn(args.cam_batch, 3, *IMAGE, device=device)
+    model = classifier.model.eval()  # NHWC with --channels-last, as `cams --channels-last` runs it
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    batch = torch.randn(args.cam_batch, 3, *IMAGE, device=device).contiguous(memory_format=memory_format)
     classes = [list(range(CLASSES_PER_IMAGE[n % len(CLASSES_PER_IMAGE)])) for n in range(args.cam_batch)]
     requests = {"layercam": ["stage3", "stage4", "stage5"], "gradcam": ["stage5"], "gradcam++": ["stage5"]}
     rates["CAM image"] = timed(lambda: compute_cam_sets(model, batch, classes, requests), args.steps, device) / args.cam_batch
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
     cams = rng.random((2, *IMAGE)).astype(np.float32)
     rates["pseudo-label image (1 CPU process)"] = timed(lambda: superpixel_labels(photo, cams, [3, 7]), args.steps, torch.device("cpu"))
 
-    segmenter = SegmenterSystem(weights=args.weights).to(device).train()
+    segmenter = SegmenterSystem(weights=args.weights, channels_last=args.channels_last).to(device).train()
     crops = torch.randn(PAPER["segmenter_batch"], 3, PAPER["segmenter_crop"], PAPER["segmenter_crop"], device=device)
     masks = torch.randint(0, 21, (PAPER["segmenter_batch"], PAPER["segmenter_crop"], PAPER["segmenter_crop"]), device=device)
     optimizer = torch.optim.SGD(segmenter.model.optimizer_param_groups(1e-3, 5e-4), lr=1e-3, momentum=0.9)

@@ -47,20 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(model: str, args: argparse.Namespace, device: torch.device):
-    """(system, batch of inputs, targets, loss function) for one model."""
+    """(system, batch of inputs, targets, loss function) for one model, in the default memory
+    format (the ``cl`` variants convert it)."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if model == "classifier":
         from wsss.systems.classifier import ClassifierSystem
 
-        system = ClassifierSystem(weights=args.weights, frozen_stages=args.classifier_frozen)
+        system = ClassifierSystem(weights=args.weights, frozen_stages=args.classifier_frozen, channels_last=False)
         size, batch = args.classifier_crop, args.classifier_batch
         targets = (torch.rand(batch, 20, generator=generator) < 0.1).float()
         loss = lambda s, x, y: F.multilabel_soft_margin_loss(s(x).float(), y)  # noqa: E731
     else:
         from wsss.systems.segmenter import SegmenterSystem
 
-        system = SegmenterSystem(weights=args.weights, frozen_stages=args.segmenter_frozen)
+        system = SegmenterSystem(weights=args.weights, frozen_stages=args.segmenter_frozen, channels_last=False)
         size, batch = args.segmenter_crop, args.segmenter_batch
         targets = torch.randint(0, 21, (batch, size, size), generator=generator)
         loss = lambda s, x, y: s.loss(s(x), y)  # noqa: E731

@@ -8,6 +8,9 @@ import pytest
 
 # Tests never touch the user's toy-dataset cache.
 os.environ.setdefault("WSSS_TOY_DIR", os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"wsss-test-toy-{os.getpid()}"))
+# Training configs without trainer.precision run fp32 here (and in every subprocess), whatever the
+# CPU: the default would be bf16 on CPUs with bf16 instructions (wsss.trainers.default_precision).
+os.environ.setdefault("WSSS_DEFAULT_PRECISION", "32-true")
 warnings.filterwarnings("ignore", message="VGG16 weights='none'")
 
 

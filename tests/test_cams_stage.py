@@ -181,3 +181,30 @@ def test_every_variant_from_one_pass_writes_the_files_of_separate_runs(toy_root,
     assert again[tmp_path / "all" / "gradcam"].written == 2 and again[tmp_path / "all" / "layercam"].written == 0
     assert again[tmp_path / "all" / "layercam"].skipped == len(ids)
     assert (tmp_path / "all" / "gradcam" / f"{ids[0]}.npz").read_bytes() == (tmp_path / "alone" / "gradcam" / f"{ids[0]}.npz").read_bytes()
+
+
+def test_channels_last_runs_the_classifier_in_nhwc_and_gives_the_same_maps(toy_root, classifier_ckpt, tmp_path, monkeypatch):
+    """`wsss cams --channels-last`: every forward sees NHWC inputs and weights; the files hold the
+    contiguous run's maps up to float rounding (float16 storage)."""
+    import wsss.systems.predictors as predictors
+
+    formats = []
+    real = predictors.compute_cam_sets
+
+    def recording(model, images, *args):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        formats.append((images.is_contiguous(memory_format=torch.channels_last) and images.shape[-1] > 1,
+                        conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real(model, images, *args)
+
+    monkeypatch.setattr(predictors, "compute_cam_sets", recording)
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "nchw", "--save-layers") == 0
+    assert formats and not any(any(f) for f in formats)
+    formats.clear()
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "nhwc", "--save-layers", "--channels-last") == 0
+    assert formats and all(all(f) for f in formats)
+    for path in sorted((tmp_path / "nchw").glob("*.npz")):
+        with np.load(path) as a, np.load(tmp_path / "nhwc" / path.name) as b:
+            assert a.files == b.files
+            for key in a.files:
+                np.testing.assert_allclose(a[key].astype(np.float32), b[key].astype(np.float32), atol=2e-3)

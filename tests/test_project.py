@@ -18,3 +18,17 @@ def test_pyproject_ignores_only_the_deprecation_warnings_it_names():
     for module in ("wsss.cams", "torch.nn.functional", "numpy"):
         assert _action_for(DeprecationWarning, module) != "ignore", module
     assert _action_for(DeprecationWarning, "pytorch_lightning.cli") == "ignore"
+
+
+def test_importing_wsss_turns_off_onednns_per_shape_cache_unless_the_user_set_it():
+    """oneDNN keeps primitives for every input shape (memory grew with the number of VOC photos);
+    the setting must be in the environment before the first convolution, so `import wsss` sets it."""
+    import os
+    import subprocess
+    import sys
+
+    show = "import torch, wsss, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "0"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
+    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "256"

@@ -92,3 +92,71 @@ def test_validation_map_averages_only_classes_present_in_the_split():
     system.val_metrics["positives"].update(targets)
     result = mean_ap_of_present_classes(system.val_metrics["ap"].compute(), system.val_metrics["positives"].compute())
     assert result.item() == pytest.approx((1.0 + (1 / 3 + 1 / 2) / 2) / 2)
+
+
+def test_unset_precision_is_mixed_where_the_hardware_has_it(monkeypatch, tmp_path):
+    import wsss.trainers as trainers
+
+    monkeypatch.delenv("WSSS_DEFAULT_PRECISION", raising=False)
+    read_cpuinfo = trainers.cpu_has_native_bf16
+    cases = [  # (cuda available, cuda bf16, cpu bf16 instructions, accelerator) -> precision
+        ((True, True, False, "auto"), "bf16-mixed"), ((True, False, True, "gpu"), "16-mixed"),
+        ((True, True, True, "cpu"), "bf16-mixed"), ((True, True, False, "cpu"), "32-true"),
+        ((False, False, True, "auto"), "bf16-mixed"), ((False, False, False, "auto"), "32-true"),
+        ((False, False, True, "mps"), "32-true"), ((False, False, True, object()), "32-true"),
+    ]
+    for (cuda, cuda_bf16, cpu_bf16, accelerator), expected in cases:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, v=cuda_bf16, **k: v)
+        monkeypatch.setattr(trainers, "cpu_has_native_bf16", lambda v=cpu_bf16: v)
+        assert trainers.default_precision(accelerator) == expected, (cuda, cuda_bf16, cpu_bf16, accelerator)
+    monkeypatch.setenv("WSSS_DEFAULT_PRECISION", "16-mixed")
+    assert trainers.default_precision("cpu") == "16-mixed"
+
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw avx512_vnni\n")
+    monkeypatch.setattr(trainers.sys, "platform", "linux")
+    assert read_cpuinfo(str(with_bf16)) and not read_cpuinfo(str(without)) and not read_cpuinfo(str(tmp_path / "missing"))
+
+
+def test_the_trainer_gets_the_default_precision_only_when_the_config_leaves_it_unset(toy_root, tmp_path, monkeypatch):
+    import wsss.trainers as trainers
+    from pytorch_lightning.plugins.precision import MixedPrecision
+    from wsss.stages.train_classifier import STAGE
+
+    monkeypatch.delenv("WSSS_DEFAULT_PRECISION", raising=False)
+    monkeypatch.setattr(trainers, "cpu_has_native_bf16", lambda: True)
+    unset = [a for a in _train_args(toy_root, tmp_path)[1:]]
+    cli_unset = trainers.TrainingCLI(STAGE, [*unset, "--trainer.precision", "null"])
+    assert cli_unset.config["trainer.precision"] == "bf16-mixed"
+    plugin = cli_unset.trainer.precision_plugin
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed"
+    pinned = trainers.TrainingCLI(STAGE, [*unset, "--trainer.precision", "32-true"])
+    assert pinned.config["trainer.precision"] == "32-true" and not isinstance(pinned.trainer.precision_plugin, MixedPrecision)
+
+
+@pytest.mark.parametrize("system_name", ["classifier", "segmenter"])
+def test_training_runs_channels_last_by_default_with_the_same_outputs_and_gradients(system_name):
+    from wsss.systems.segmenter import SegmenterSystem
+
+    build = {"classifier": lambda **kw: ClassifierSystem(weights="none", width=0.125, **kw),
+             "segmenter": lambda **kw: SegmenterSystem(weights="none", width=0.125, **kw)}[system_name]
+    torch.manual_seed(0)
+    default = build().eval()  # eval: no dropout draws to tell the two apart
+    torch.manual_seed(0)
+    plain = build(channels_last=False).eval()
+    convs = [m for m in default.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(not c.weight.is_contiguous() for c in convs if c.kernel_size != (1, 1))  # 1x1: both layouts coincide
+    seen = []
+    convs[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randn(2, 3, 40, 48)
+    out_default, out_plain = default(images), plain(images)
+    assert seen == [True]
+    torch.testing.assert_close(out_default, out_plain, rtol=1e-4, atol=1e-5)
+    out_default.square().sum().backward()
+    out_plain.square().sum().backward()
+    for (name, a), b in zip(default.named_parameters(), plain.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -53,6 +53,7 @@ class CamsConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     view_weighting: str = "area"
+    channels_last: bool = False
     baselines: tuple[str, ...] = ("gradcam", "gradcam++")
     labels: str = "auto"
     batch_size: int = 1

@@ -169,7 +169,7 @@ def cams_step(run: Run) -> dict[str, Any]:
         run.say(f"  cams/{name}: {variant.method} at {','.join(variant.layers)}")
     counts = make_cams(
         run.out / "classifier" / "best.ckpt", run.data_root, {run.out / "cams" / name: v for name, v in variants.items()},
-        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, view_weighting=c.view_weighting, batch_size=c.batch_size,
+        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, view_weighting=c.view_weighting, channels_last=c.channels_last, batch_size=c.batch_size,
         num_workers=c.num_workers, accelerator=c.accelerator, devices=c.devices, progress=False,
     )
     return {"counts": {name: dataclasses.asdict(counts[run.out / "cams" / name]) for name in variants}}

@@ -54,6 +54,7 @@ def make_cams(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     view_weighting: str = "area",
+    channels_last: bool = False,
     batch_size: int = 1,
     num_workers: int = 2,
     overwrite: bool = False,
@@ -74,8 +75,9 @@ def make_cams(
     ``checkpoint``: a ``train-cls`` checkpoint. ``labels``: the image-level label source
     (:class:`~wsss.data.voc.ImageLabels`). Each variant's layers are fused (eq. 9) after each is
     summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
-    (:func:`wsss.cams.accumulate_multiscale`). ``output_format``: ``npz``, or ``irn`` for IRN's
-    ``.npy`` layout (no ``save_layers``). ``accelerator``/``devices``/``strategy`` go to the
+    (:func:`wsss.cams.accumulate_multiscale`). ``channels_last``: NHWC memory format (faster
+    convolutions on CPUs and recent GPUs; the maps agree to float rounding). ``output_format``:
+    ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``). ``accelerator``/``devices``/``strategy`` go to the
     Trainer: under DDP each image is written by exactly one process, and the counts are everyone's.
     """
     if output_format not in OUTPUT_FORMATS:
@@ -92,7 +94,7 @@ def make_cams(
         ensure_output_dir(out_dir)
     # Variants are named after their folder in the predictor's items and the writer.
     predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
-                             view_weighting)
+                             view_weighting, channels_last)
     done = frozenset() if overwrite else frozenset(
         path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
     todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
@@ -133,6 +135,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--view-weighting", default="area", choices=VIEW_WEIGHTINGS,
                         help="how the views' maps are made comparable before they are summed: area (x scale^2, undoing the "
                         "pooled map's 1/(h*w); default), max (each view divided by its maximum), none (raw sum)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format: faster convolutions on CPUs and recent GPUs "
+                        "(same maps up to float rounding)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (equal-sized images share it)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--save-layers", action="store_true", help="also store each layer's normalised map, named after the layer")
@@ -145,7 +149,7 @@ def main(argv: list[str]) -> int:
     variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers)
     counts = make_cams(
         args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
-        scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
+        scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, channels_last=args.channels_last, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
         output_format=args.format, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
     )[Path(args.out)]
     if is_global_zero():

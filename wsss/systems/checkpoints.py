@@ -76,10 +76,11 @@ def load_system(system_class: type[pl.LightningModule], path: str | Path, **over
 
 
 def load_classifier(path: str | Path) -> CAMClassifier:
-    """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode."""
+    """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode, in the
+    default memory format (``cams --channels-last`` chooses its own)."""
     from wsss.systems.classifier import ClassifierSystem
 
-    return load_system(ClassifierSystem, path).model
+    return load_system(ClassifierSystem, path, channels_last=False).model
 
 
 def load_segmenter(path: str | Path) -> DeepLabLargeFOV:

@@ -36,7 +36,9 @@ class SegmenterSystem(pl.LightningModule):
         momentum: SGD momentum.
         weight_decay: L2 weight decay (not on biases).
         poly_power: exponent of the per-step poly schedule (1 - step/max_steps) ** power.
-        channels_last: NHWC memory format (faster convolutions on recent GPUs).
+        channels_last: train in NHWC memory format (faster convolutions with oneDNN on CPUs and on
+            recent GPUs: a voc_mini step 1.16x in fp32, 1.41x under bf16 on a 2-core AVX512-BF16
+            CPU; same loss to float rounding).
         batch_norm: VGG16-BN trunk (toy preset only; see :class:`DeepLabLargeFOV`).
         frozen_stages: keep the first N VGG16 blocks at their initial weights (cheaper CPU steps).
         new_layers_first: for this many first steps only the layers that start random (fc8, and
@@ -53,7 +55,7 @@ class SegmenterSystem(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         poly_power: float = 0.9,
-        channels_last: bool = False,
+        channels_last: bool = True,
         batch_norm: bool = False,
         frozen_stages: int = 0,
         new_layers_first: int = 0,
