@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"wsss {command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        # A DDP stage leaves its process group up; torn down only at interpreter exit, gloo's threads
+        # sometimes aborted a process ("terminate called without an active exception").
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
