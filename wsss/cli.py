@@ -6,6 +6,7 @@ import logging
 import sys
 
 from wsss.errors import WsssError
+from wsss.parallel import end_process_group
 
 # subcommand -> ("module:function", one-line help). Each function takes argv and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -58,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsss {command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
     finally:
-        # A DDP stage leaves its process group up; torn down only at interpreter exit, gloo's threads
-        # sometimes aborted a process ("terminate called without an active exception").
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

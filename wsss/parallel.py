@@ -1,4 +1,5 @@
-"""A process pool for per-file work outside Lightning (``wsss evaluate``, ``wsss eval-cams``)."""
+"""A process pool for per-file work outside Lightning (``wsss evaluate``, ``wsss eval-cams``), and
+the end of a DDP stage's process group."""
 from __future__ import annotations
 
 import multiprocessing
@@ -16,6 +17,15 @@ def _worker_init() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's default process group if one is up. A DDP stage leaves it up;
+    torn down only at interpreter exit, gloo's threads sometimes aborted the process ("terminate
+    called without an active exception"). Never imports torch: without it no group can exist."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def chunked(items: Sequence[T], size: int) -> list[list[T]]:

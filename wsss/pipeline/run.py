@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from wsss.errors import ConfigError, WsssError
+from wsss.parallel import end_process_group
 from wsss.pipeline import steps
 from wsss.pipeline.config import PipelineConfig, load_config
 from wsss.pipeline.manifest import Decision, decide, read_manifest, write_manifest
@@ -63,10 +64,7 @@ def step_scope(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

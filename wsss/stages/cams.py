@@ -77,8 +77,9 @@ def make_cams(
     summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
     (:func:`wsss.cams.accumulate_multiscale`). ``channels_last``: NHWC memory format (faster
     convolutions on CPUs and recent GPUs; the maps agree to float rounding). ``output_format``:
-    ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``). ``accelerator``/``devices``/``strategy`` go to the
-    Trainer: under DDP each image is written by exactly one process, and the counts are everyone's.
+    ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``).
+    ``accelerator``/``devices``/``strategy`` go to the Trainer: under DDP each image is written by
+    exactly one process, and the counts are everyone's.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
