@@ -260,6 +260,54 @@ def test_normalize_maps():
     torch.testing.assert_close(normalize_maps(maps, tanh_scaled=True, gamma=3.0)[0, 0, 1], torch.tensor(math.tanh(1.5)))
 
 
+def test_peak_quantile_by_hand_and_against_numpy():
+    # One map holding 0, 1, ..., 99: its 0.99-quantile sits at position 0.99 * 99 = 98.01 between
+    # the order statistics 98 and 99, so it is 98.01; everything above is clipped to 1.
+    ramp = torch.arange(100.0).reshape(1, 10, 10)
+    normalized = normalize_maps(ramp, peak_quantile=0.99)
+    torch.testing.assert_close(normalized[0, 0, :3], torch.tensor([0.0, 1 / 98.01, 2 / 98.01]))
+    torch.testing.assert_close(normalized[0, 9, 8:], torch.tensor([98 / 98.01, 1.0]))
+    # A hot spot: the maximum (1000) would push the rest below 0.01; the quantile keeps its scale.
+    torch.manual_seed(0)
+    maps = torch.rand(3, 17, 23) * torch.tensor([1.0, 5.0, 0.5])[:, None, None]
+    maps[0, 4, 4] = 1000.0
+    for q in (0.5, 0.9, 0.99, 0.999):
+        expected = np.clip(maps.numpy() / np.quantile(maps.numpy().reshape(3, -1), q, axis=1)[:, None, None], 0, 1)
+        np.testing.assert_allclose(normalize_maps(maps, peak_quantile=q).numpy(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(normalize_maps(maps, tanh_scaled=True, peak_quantile=0.9),
+                               torch.tanh(2 * normalize_maps(maps, peak_quantile=0.9)))
+
+
+def test_peak_quantile_one_is_the_maximum_bit_for_bit_and_a_zero_quantile_falls_back_to_it():
+    torch.manual_seed(1)
+    maps = torch.rand(2, 9, 11) * 7
+    assert torch.equal(normalize_maps(maps, peak_quantile=1.0), maps / maps.amax(dim=(1, 2), keepdim=True))
+    sparse = torch.zeros(2, 10, 10)  # class 0: two positive pixels of 100, so its 0.9-quantile is 0
+    sparse[0, 0, 0], sparse[0, 5, 5] = 4.0, 2.0
+    normalized = normalize_maps(sparse, peak_quantile=0.9)
+    assert normalized[0, 0, 0] == 1.0 and normalized[0, 5, 5] == 0.5 and normalized.sum() == 1.5
+    assert normalize_maps(torch.zeros(0, 4, 4), peak_quantile=0.9).shape == (0, 4, 4)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="peak_quantile"):
+            normalize_maps(maps, peak_quantile=bad)
+
+
+def test_mean_fusion_by_hand():
+    shallow = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    deep = torch.tensor([[[3.0, 0.0], [0.0, 1.5]]])
+    fused = fuse_cams([shallow, deep], (2, 2), tanh_scaled=[True, False], fusion="mean")
+    # shallow / 4 -> tanh(2x) of [[0, .25], [.5, 1]]; deep / 3 -> [[1, 0], [0, .5]]; then averaged.
+    expected = torch.tensor([[[0.5, math.tanh(0.5) / 2], [math.tanh(1.0) / 2, (math.tanh(2.0) + 0.5) / 2]]])
+    torch.testing.assert_close(fused, expected)
+    ramp = torch.arange(100.0).reshape(1, 10, 10)
+    both = fuse_cams([ramp, ramp.flip(-1)], (10, 10), tanh_scaled=[False, False], peak_quantile=0.99, fusion="mean")
+    torch.testing.assert_close(both, (normalize_maps(ramp, peak_quantile=0.99) + normalize_maps(ramp.flip(-1), peak_quantile=0.99)) / 2)
+    single = torch.rand(2, 5, 5)
+    assert torch.equal(fuse_cams([single], (5, 5), [False], fusion="mean"), fuse_cams([single], (5, 5), [False]))
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse_cams([single], (5, 5), [False], fusion="sum")
+
+
 def test_accumulate_multiscale_by_hand():
     base = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     views = [[base], [base.flip(-1)], [torch.full((1, 1, 1), 10.0)]]

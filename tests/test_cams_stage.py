@@ -122,6 +122,35 @@ def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, cla
     assert "written, 0 already" in capsys.readouterr().out
 
 
+def test_mean_fusion_and_peak_quantile_through_the_cli(toy_root, classifier_ckpt, tmp_path, capsys):
+    out = tmp_path / "mean"
+    assert _cams(toy_root, classifier_ckpt, out, "--save-layers", "--fusion", "mean", "--peak-quantile", "0.9") == 0
+    paper = tmp_path / "paper"
+    assert _cams(toy_root, classifier_ckpt, paper, "--save-layers") == 0
+    files = sorted(out.glob("*.npz"))
+    assert len(files) == len(list(paper.glob("*.npz"))) > 0
+    differs = False
+    for path in files:
+        with np.load(path) as saved, np.load(paper / path.name) as reference:
+            if not len(saved["classes"]):
+                continue
+            # The per-layer maps are stored divided by their 0.9-quantile; the fused map is their
+            # mean with stage 3 tanh-scaled, and each layer is the paper's map rescaled and clipped.
+            layers = {k: saved[k].astype(np.float32) for k in ("stage3", "stage4", "stage5")}
+            expected = (np.tanh(2 * layers["stage3"]) + layers["stage4"] + layers["stage5"]) / 3
+            np.testing.assert_allclose(saved["cams"].astype(np.float32), expected, atol=2e-3)
+            stage5 = reference["stage5"].astype(np.float32)
+            scale = np.quantile(stage5.reshape(len(stage5), -1), 0.9, axis=1)[:, None, None]
+            np.testing.assert_allclose(layers["stage5"], np.clip(stage5 / np.where(scale > 0, scale, 1), 0, 1), atol=1e-2)
+            differs |= not np.allclose(saved["cams"], reference["cams"], atol=1e-2)
+    assert differs, "the options changed nothing"
+    for option, value, message in (("--peak-quantile", "0", "peak quantile"), ("--peak-quantile", "1.2", "peak quantile")):
+        assert _cams(toy_root, classifier_ckpt, tmp_path / "bad", option, value) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cams(toy_root, classifier_ckpt, tmp_path / "bad", "--fusion", "sum")
+
+
 def test_cams_refuses_wrong_checkpoint_and_unknown_layer(toy_root, classifier_ckpt, tmp_path, capsys):
     torch.save({"state_dict": {"model.fc8.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "seg.ckpt")
     assert _cams(toy_root, tmp_path / "seg.ckpt", tmp_path / "o") == 2

@@ -134,6 +134,28 @@ def test_changed_option_reruns_that_stage_and_later_only(finished_run, tmp_path,
     assert json.loads((out / "manifests/pseudo-labels.json").read_text())["config"]["threshold"] == 0.5
 
 
+def test_fusion_options_change_the_layercam_files_only(finished_run, tmp_path, capsys):
+    """cams.fusion / cams.peak_quantile re-make the CAMs; LayerCAM's files follow them, the
+    baselines' files come out byte for byte as the paper's settings wrote them."""
+    out = copy_run(finished_run, tmp_path)
+    root = Path(json.loads((out / "results.json").read_text())["data_root"])
+    config = tiny_config(tmp_path / "pipeline.yaml", root, out, cams={"fusion": "mean", "peak_quantile": 0.95})
+    before = {str(p.relative_to(out)): p.read_bytes() for p in (out / "cams").rglob("*.npz")}
+    assert cli_main(["run", "-c", str(config), "--until", "cams"]) == 0
+    assert "] cams: running" in capsys.readouterr().out
+    after = {str(p.relative_to(out)): p.read_bytes() for p in (out / "cams").rglob("*.npz")}
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in before if not k.startswith("cams/layercam/"))
+    changed = 0
+    for path in sorted((out / "cams/layercam").glob("*.npz")):
+        with np.load(path) as saved:
+            layers = [saved[k].astype(np.float32) for k in ("stage3", "stage4", "stage5")]
+            expected = (np.tanh(2 * layers[0]) + layers[1] + layers[2]) / 3
+            np.testing.assert_allclose(saved["cams"].astype(np.float32), expected, atol=2e-3)
+        changed += after[f"cams/layercam/{path.name}"] != before[f"cams/layercam/{path.name}"]
+    assert changed > 0
+
+
 def test_thresholds_from_the_seed_sweep_and_an_ignore_band(finished_run, tmp_path, capsys):
     """pseudo.threshold_from_seeds: each CAM folder's pseudo-labels use its best seed threshold of
     this run's eval-cams; pseudo.ignore_below leaves the band above it at 255, and the results
@@ -211,6 +233,8 @@ def test_print_config_shows_the_resolved_config_which_loads_again(tmp_path, toy_
     ({"cams": {"batch_size": "four"}}, "'cams.batch_size' must be int, got 'four'"),
     ({"cams": {"layers": "stage3"}}, "'cams.layers' must be a list, got 'stage3'"),
     ({"cams": {"baselines": ["scorecam"]}}, "cams.baselines ['scorecam'] unknown"),
+    ({"cams": {"fusion": "sum"}}, "cams.fusion 'sum' unknown; choose from max, mean"),
+    ({"cams": {"peak_quantile": 0}}, "cams.peak_quantile must be in (0, 1], got 0"),
     ({"predict": {"splits": []}}, "predict.splits must be a non-empty list"),
     ({"pseudo": {"threshold": float("nan")}}, "pseudo.threshold must be a finite number"),
     ({"eval_split": ["train"]}, "'eval_split' must be a single value"),
@@ -379,10 +403,11 @@ def test_shipped_pipeline_configs_load_and_point_at_their_stage_configs():
         config = load_config(path)
         assert config.classifier.config.is_file() and config.segmenter.config.is_file()
     for folder in (CONFIGS.parent, CONFIGS.parent / "voc_mini"):
-        # The beyond-the-paper presets reuse their paper preset's classifier, CAMs and segmenter:
-        # only stage 3 differs, so one classifier serves every row of the ablation.
+        # The beyond-the-paper presets reuse their paper preset's classifier and segmenter settings:
+        # only the CAM fusion and stage 3 differ, so one classifier serves every row of the ablation.
         paper, best = (yaml.safe_load((folder / name).read_text()) for name in ("pipeline.yaml", "pipeline_best.yaml"))
-        assert {key for key in paper.keys() | best.keys() if paper.get(key) != best.get(key)} == {"out", "pseudo"}
+        assert {key for key in paper.keys() | best.keys() if paper.get(key) != best.get(key)} == {"out", "cams", "pseudo"}
+        assert best["cams"] == {**paper["cams"], "peak_quantile": 0.99, "fusion": "mean"}
         assert best["pseudo"] == {**paper["pseudo"], "threshold_from_seeds": True}
     toy = load_config(CONFIGS / "pipeline.yaml")
     assert toy.segmenter.overrides["model"]["weights"] == "classifier" and toy.cam_split == "train_aug"

@@ -12,7 +12,9 @@ layer's activations ``A`` (channels ``k``, positions ``i, j``),
 
 Fusion (LayerCAM eq. 9): every layer's map is divided by its maximum, shallow layers are further
 scaled by ``tanh(gamma * m)``, maps are bilinearly upsampled to the image size and fused by an
-element-wise maximum.
+element-wise maximum. Two options beyond the paper (defaults: the paper's): ``peak_quantile`` q < 1
+divides each map by its q-quantile instead of its maximum and clips at 1, and ``fusion="mean"``
+averages the layers instead of taking their maximum.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 METHODS = ("layercam", "gradcam", "gradcam++")
+FUSIONS = ("max", "mean")
 
 
 def compute_cams(
@@ -166,18 +169,45 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
     return resolved
 
 
-def normalize_maps(maps: Tensor, tanh_scaled: bool = False, gamma: float = 2.0) -> Tensor:
+def normalize_maps(maps: Tensor, tanh_scaled: bool = False, gamma: float = 2.0, peak_quantile: float = 1.0) -> Tensor:
     """Divide each map of a (K, h, w) stack by its own maximum; optionally apply ``tanh(gamma * m)``.
 
     Maps are non-negative (they come after a ReLU); a map whose maximum is 0 stays 0. The result
     lies in [0, 1] (``tanh_scaled=True`` is the paper's treatment of shallow layers, eq. 9).
+
+    ``peak_quantile`` q < 1 divides by the map's q-quantile instead (numpy's default, linear
+    interpolation between order statistics) and clips at 1: a LayerCAM map's maximum is often a
+    few hot pixels, which pushes the rest of the object below any threshold. A map whose
+    q-quantile is 0 (fewer than 1 - q of its pixels positive) is divided by its maximum.
     """
-    peak = maps.amax(dim=(-2, -1), keepdim=True) if maps.numel() else maps.new_ones(())
+    if not 0 < peak_quantile <= 1:
+        raise ValueError(f"peak_quantile must be in (0, 1], got {peak_quantile!r}")
+    if not maps.numel():
+        return maps.clone()
+    peak = maps.amax(dim=(-2, -1), keepdim=True)
+    if peak_quantile < 1:
+        scale = _quantile_of_maps(maps, peak_quantile)
+        peak = torch.where(scale > 0, scale, peak)
     normalized = maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+    if peak_quantile < 1:
+        normalized = normalized.clamp_(max=1.0)
     return torch.tanh(gamma * normalized) if tanh_scaled else normalized
 
 
-def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], tanh_scaled: Sequence[bool], gamma: float = 2.0) -> Tensor:
+def _quantile_of_maps(maps: Tensor, q: float) -> Tensor:
+    """The q-quantile of each (h, w) map of a (K, h, w) stack, shape (K, 1, 1); linear interpolation
+    as ``numpy.quantile``. Order statistics by ``kthvalue``: ``torch.quantile`` refuses inputs
+    above 2**24 elements, which a few class maps of a large photo reach."""
+    flat = maps.flatten(-2)
+    position = q * (flat.shape[-1] - 1)
+    below = int(position)
+    low = flat.kthvalue(below + 1, dim=-1).values
+    high = flat.kthvalue(min(below + 2, flat.shape[-1]), dim=-1).values
+    return (low + (position - below) * (high - low))[:, None, None]
+
+
+def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], tanh_scaled: Sequence[bool], gamma: float = 2.0,
+              peak_quantile: float = 1.0, fusion: str = "max") -> Tensor:
     """Fuse the per-layer maps of ONE image into (K, H, W) maps in [0, 1] (LayerCAM eq. 9).
 
     Args:
@@ -187,23 +217,35 @@ def fuse_cams(maps: Sequence[Tensor], size: tuple[int, int], tanh_scaled: Sequen
             maximum (the paper does this for shallow stages 1-3; callers that name layers call
             that set ``scaled_layers``).
         gamma: the tanh scale (paper: 2).
+        peak_quantile: what each map is divided by, see :func:`normalize_maps` (1: its maximum,
+            the paper).
+        fusion: ``"max"`` (the paper: element-wise maximum over layers) or ``"mean"`` (their
+            average: a shallow layer's response off the object counts only as far as the other
+            layers share it).
 
     Each layer's map is normalised by :func:`normalize_maps`, upsampled bilinearly
-    (``align_corners=False``) to ``size``, and the layers are combined by element-wise maximum.
+    (``align_corners=False``) to ``size``, and the layers are combined by ``fusion``.
     """
     if not maps:
         raise ValueError("fuse_cams needs at least one layer's maps")
     if len(tanh_scaled) != len(maps):
         raise ValueError(f"tanh_scaled has {len(tanh_scaled)} entries for {len(maps)} layers")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
     counts = {m.shape[0] for m in maps}
     if len(counts) != 1 or any(m.ndim != 3 for m in maps):
         raise ValueError(f"every layer needs a (K, h, w) tensor with the same K, got shapes {[tuple(m.shape) for m in maps]}")
     fused: Tensor | None = None
     for layer_maps, scaled in zip(maps, tanh_scaled):
-        layer = _resize(normalize_maps(layer_maps, tanh_scaled=bool(scaled), gamma=gamma), size)
-        fused = layer if fused is None else torch.maximum(fused, layer)
+        layer = _resize(normalize_maps(layer_maps, tanh_scaled=bool(scaled), gamma=gamma, peak_quantile=peak_quantile), size)
+        if fused is None:
+            fused = layer.clone() if fusion == "mean" else layer
+        elif fusion == "mean":
+            fused.add_(layer)
+        else:
+            fused = torch.maximum(fused, layer)
     assert fused is not None
-    return fused
+    return fused / len(maps) if fusion == "mean" else fused
 
 
 VIEW_WEIGHTINGS = ("area", "max", "none")

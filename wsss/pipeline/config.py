@@ -45,11 +45,15 @@ def _positive_numbers(name: str, values: tuple[float, ...]) -> None:
 
 @dataclass(frozen=True)
 class CamsConfig:
-    """``cams``: LayerCAM at ``layers`` fused, plus the Grad-CAM-family ``baselines`` at stage 5."""
+    """``cams``: LayerCAM at ``layers`` fused, plus the Grad-CAM-family ``baselines`` at stage 5.
+    ``fusion`` and ``peak_quantile`` (:func:`wsss.cams.fuse_cams`) apply to LayerCAM; the baselines
+    keep the standard division by their maximum."""
 
     layers: tuple[str, ...] = ("stage3", "stage4", "stage5")
     scaled_layers: tuple[str, ...] = field(default=("stage3",), metadata={"key": "scaled"})
     gamma: float = 2.0
+    fusion: str = "max"
+    peak_quantile: float = 1.0
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     view_weighting: str = "area"
@@ -68,8 +72,12 @@ class CamsConfig:
         if bad:
             raise ConfigError(f"cams.baselines {bad} unknown; choose from {sorted(BASELINES)}")
         _positive_numbers("cams.scales", self.scales)
-        from wsss.cams import VIEW_WEIGHTINGS
+        from wsss.cams import FUSIONS, VIEW_WEIGHTINGS
 
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"cams.fusion {self.fusion!r} unknown; choose from {', '.join(FUSIONS)}")
+        if not 0 < self.peak_quantile <= 1:
+            raise ConfigError(f"cams.peak_quantile must be in (0, 1], got {self.peak_quantile!r}")
         if self.view_weighting not in VIEW_WEIGHTINGS:
             raise ConfigError(f"cams.view_weighting {self.view_weighting!r} unknown; choose from {', '.join(VIEW_WEIGHTINGS)}")
 

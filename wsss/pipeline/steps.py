@@ -84,7 +84,7 @@ class Run:
     def cam_variants(self) -> dict[str, CamVariant]:
         """CAM folder -> variant: ``layercam`` and one folder per baseline."""
         cams = self.config.cams
-        variants = {"layercam": CamVariant("layercam", cams.layers, cams.scaled_layers, True)}
+        variants = {"layercam": CamVariant("layercam", cams.layers, cams.scaled_layers, True, cams.peak_quantile, cams.fusion)}
         for method in cams.baselines:
             variants[BASELINES[method]] = CamVariant(method, ("stage5",), (), False)
         return variants

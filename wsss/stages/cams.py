@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss.cams import METHODS, VIEW_WEIGHTINGS
+from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
@@ -131,6 +131,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layers", type=options.names, default="stage3,stage4,stage5", help="comma-separated layers (stage1..stage5 or module names)")
     parser.add_argument("--scaled", type=options.names, default="stage3", help="comma-separated layers that get tanh(gamma*m) scaling ('' for none)")
     parser.add_argument("--gamma", type=float, default=2.0, help="tanh scaling factor (paper: 2)")
+    parser.add_argument("--fusion", default="max", choices=FUSIONS,
+                        help="how the layers' maps combine: max (element-wise maximum, the paper) or mean (their average)")
+    parser.add_argument("--peak-quantile", type=float, default=1.0,
+                        help="divide each layer's map by this quantile of its values instead of its maximum (1, the paper), "
+                        "clipped at 1; e.g. 0.99 (saved per-layer maps are normalised the same way)")
     parser.add_argument("--scales", type=options.scales, default="1.0", help="comma-separated input scales; 'irn' = 1.0,0.5,1.5,2.0")
     parser.add_argument("--flip", action="store_true", help="also use horizontally flipped inputs")
     parser.add_argument("--view-weighting", default="area", choices=VIEW_WEIGHTINGS,
@@ -147,7 +152,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers)
+    variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers, args.peak_quantile, args.fusion)
     counts = make_cams(
         args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
         scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, channels_last=args.channels_last, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from wsss.cams import METHODS, VIEW_WEIGHTINGS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
+from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
 from wsss.crf import dense_crf
@@ -22,12 +22,16 @@ from wsss.segmentation import denormalize, image_probabilities
 @dataclass(frozen=True)
 class CamVariant:
     """One CAM output of a pass: ``method`` at ``layers``, fused by eq. 9 with ``scaled_layers``
-    tanh-scaled; ``save_layers`` keeps each layer's normalised map in its file too."""
+    tanh-scaled; ``save_layers`` keeps each layer's normalised map in its file too. ``peak_quantile``
+    and ``fusion``: what each layer's map is divided by and how layers combine
+    (:func:`wsss.cams.fuse_cams`; the defaults are the paper's)."""
 
     method: str = "layercam"
     layers: tuple[str, ...] = ("stage3", "stage4", "stage5")
     scaled_layers: tuple[str, ...] = ("stage3",)
     save_layers: bool = False
+    peak_quantile: float = 1.0
+    fusion: str = "max"
 
 
 class CamPredictor(pl.LightningModule):
@@ -59,6 +63,10 @@ class CamPredictor(pl.LightningModule):
             unknown = sorted(set(variant.scaled_layers) - set(variant.layers))
             if unknown:
                 raise ConfigError(f"scaled layers {unknown} are not among the CAM layers {list(variant.layers)}")
+            if variant.fusion not in FUSIONS:
+                raise ConfigError(f"unknown CAM fusion {variant.fusion!r}; choose one of {', '.join(FUSIONS)}")
+            if not 0 < variant.peak_quantile <= 1:
+                raise ConfigError(f"the peak quantile must be in (0, 1], got {variant.peak_quantile!r}")
         self.classifier = classifier.eval()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -98,8 +106,10 @@ class CamPredictor(pl.LightningModule):
     def _variant(self, variant: CamVariant, views: list[dict], size: tuple[int, int]) -> dict[str, Any]:
         summed = accumulate_multiscale([[view[variant.method][layer] for layer in variant.layers] for view in views],
                                        [flipped for _, flipped in self.views], size, [scale for scale, _ in self.views], self.view_weighting)
-        fused = fuse_cams(summed, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma)
-        layer_maps = {layer: normalize_maps(maps).cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, summed)}
+        fused = fuse_cams(summed, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma,
+                          variant.peak_quantile, variant.fusion)
+        layer_maps = {layer: normalize_maps(maps, peak_quantile=variant.peak_quantile).cpu().numpy().astype(np.float16)
+                      for layer, maps in zip(variant.layers, summed)}
         # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
         return {"cams": fused.cpu().numpy(), "layers": layer_maps}
 
