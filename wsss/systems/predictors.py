@@ -106,10 +106,13 @@ class CamPredictor(pl.LightningModule):
     def _variant(self, variant: CamVariant, views: list[dict], size: tuple[int, int]) -> dict[str, Any]:
         summed = accumulate_multiscale([[view[variant.method][layer] for layer in variant.layers] for view in views],
                                        [flipped for _, flipped in self.views], size, [scale for scale, _ in self.views], self.view_weighting)
-        fused = fuse_cams(summed, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma,
-                          variant.peak_quantile, variant.fusion)
-        layer_maps = {layer: normalize_maps(maps, peak_quantile=variant.peak_quantile).cpu().numpy().astype(np.float16)
-                      for layer, maps in zip(variant.layers, summed)}
+        # Each layer normalised once, for its saved map and for the fusion: a normalised map's maximum
+        # is exactly 1 (or it is all 0), so fuse_cams' own division by the maximum leaves it bit for
+        # bit as it is, and the quantile (two kthvalue passes per layer) is not computed twice.
+        normalized = [normalize_maps(maps, peak_quantile=variant.peak_quantile) for maps in summed]
+        fused = fuse_cams(normalized, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma,
+                          fusion=variant.fusion)
+        layer_maps = {layer: maps.cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, normalized)}
         # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
         return {"cams": fused.cpu().numpy(), "layers": layer_maps}
 
