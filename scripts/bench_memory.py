@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from wsss.data.voc import VOCLayout
-    from wsss.stages.cams import make_cams
+    from wsss.stages.cams import CamOptions, make_cams
     from wsss.stages.pseudo_labels import make_pseudo_labels
     from wsss.systems.predictors import CamVariant
 
@@ -63,10 +63,10 @@ def worker(args: argparse.Namespace) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     if stage == "cams":
-        make_cams(args.checkpoint, args.data_root, variants, split=str(split), batch_size=batch, num_workers=0,
-                  accelerator=args.accelerator, progress=False, overwrite=True)
+        make_cams(args.checkpoint, args.data_root, variants, CamOptions(batch_size=batch, num_workers=0, accelerator=args.accelerator),
+                  split=str(split), progress=False, overwrite=True)
     else:  # reads the CAM files a "cams" worker left in OUT (a process of its own: ru_maxrss only rises)
-        make_pseudo_labels(args.data_root, cams / "layercam", out / "pseudo", split=str(split), workers=1, progress=False)
+        make_pseudo_labels(args.data_root, cams / "layercam", out / "pseudo", split=str(split), progress=False)
     result = {"stage": stage, "batch": batch, "images": count, "peak_mib": (peak_bytes() - base) / 2**20}
     if on_gpu:
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -26,7 +26,7 @@ from wsss.formats.images import read_image
 from wsss.formats.label_png import write_label_png
 from wsss.pseudo import SLIC_DEFAULTS, slic_segments
 from wsss.stages.evaluate import evaluate_labels
-from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_label, make_pseudo_labels
+from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_label, make_pseudo_labels
 
 
 def synthetic_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +83,8 @@ def bench_pseudo(tmp: Path, images: int, height: int, width: int, rng: np.random
           f"share outside SLIC (decode, CAM load/validation, voting, PNG write): {100 * (1 - slic_time / total_time):.1f} %")
     rates = {}
     for workers in (1, 2):
-        params = PseudoLabelParams(overwrite=True)
-        summary = make_pseudo_labels(tmp, cam_dir, tmp / f"out{workers}", split=str(id_list), params=params, workers=workers, progress=False)
+        summary = make_pseudo_labels(tmp, cam_dir, tmp / f"out{workers}", split=str(id_list), options=PseudoLabelOptions(workers=workers),
+                                     overwrite=True, progress=False)
         assert summary.written == images and not summary.failed
         rates[workers] = images / summary.seconds
         print(f"workers={workers}: {rates[workers]:.2f} images/s ({summary.seconds:.2f} s incl. Trainer and worker start)")

@@ -36,11 +36,12 @@ def main(argv=None) -> None:
 
     from wsss.data import resolve_data_root
     from wsss.io import write_json
+    from wsss.options import narrowed
     from wsss.pipeline.config import load_config
     from wsss.pipeline.steps import Run
     from wsss.stages.evaluate import evaluate_labels
-    from wsss.stages.predict import predict_segmentation
-    from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_labels
+    from wsss.stages.predict import PredictOptions, predict_segmentation
+    from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
     from wsss.stages.train_segmenter import train_segmenter
 
     config = load_config(args.config, {"data_root": args.data_root, "out": args.out})
@@ -55,16 +56,16 @@ def main(argv=None) -> None:
             results[name] = json.loads(done.read_text())
             continue
         start = time.perf_counter()
-        params = PseudoLabelParams(threshold=config.pseudo.threshold, slic=config.pseudo.slic(), key=key)
-        make_pseudo_labels(run.data_root, out / "cams" / folder, here / "pseudo", split=config.cam_split, params=params,
-                           workers=config.pseudo.workers, progress=False).raise_for_failures()
+        options = narrowed(config.pseudo, PseudoLabelOptions)
+        make_pseudo_labels(run.data_root, out / "cams" / folder, here / "pseudo", split=config.cam_split, options=options, key=key,
+                           progress=False).raise_for_failures()
         pseudo = evaluate_labels(here / "pseudo", run.layout.mask_dir, run.ids(config.eval_split))
         segmenter = run.training_config(config.segmenter, f"claims/{here.name}/segmenter", **{
             "data.train_labels": str(here / "pseudo"), "data.train_split": config.cam_split})
         train_segmenter(segmenter)
         checkpoint = here / "segmenter" / ("best.ckpt" if (here / "segmenter" / "best.ckpt").is_file() else "last.ckpt")
-        predict_segmentation(checkpoint, run.data_root, here / "predictions" / val, split=val, num_workers=config.predict.num_workers,
-                             accelerator=config.predict.accelerator, devices=1, progress=False)
+        predict_segmentation(checkpoint, run.data_root, here / "predictions" / val, narrowed(config.predict, PredictOptions), split=val,
+                             progress=False)
         scores = evaluate_labels(here / "predictions" / val, run.layout.mask_dir, run.ids(val))
         results[name] = {"pseudo_miou": pseudo.miou, "segmenter_val_miou": scores.miou, "paper": paper,
                          "seconds": round(time.perf_counter() - start, 1)}

@@ -13,6 +13,7 @@ from wsss.data.transforms import eval_transform, to_tv
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.formats.cams import read_cams
 from wsss.formats.images import read_image
+from wsss.records import RECORD_FILE
 from wsss.systems.checkpoints import load_classifier
 from wsss.systems.classifier import ClassifierSystem
 from wsss.systems.predictors import CamPredictor, CamVariant
@@ -66,7 +67,7 @@ def test_irn_format_is_read_unchanged_by_irns_code_and_by_ours(toy_root, classif
     assert _cams(toy_root, classifier_ckpt, irn_dir, "--format", "irn") == 0
     layout = VOCLayout(toy_root)
     ids = layout.read_ids("train")
-    assert sorted(p.name for p in irn_dir.iterdir()) == sorted(f"{i}.npy" for i in ids)
+    assert sorted(p.name for p in irn_dir.iterdir()) == sorted([*(f"{i}.npy" for i in ids), RECORD_FILE])
     labels = ImageLabels(layout)
     for image_id in ids:
         path = irn_dir / f"{image_id}.npy"
@@ -97,8 +98,11 @@ def test_irn_format_has_no_place_for_per_layer_maps(toy_root, classifier_ckpt, t
 def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, classifier_ckpt, tmp_path, capsys, output_format):
     out = tmp_path / "cams"
     suffix = {"npz": ".npz", "irn": ".npy"}[output_format]
-    if output_format == "irn":  # another format's complete files are not this format's
-        assert _cams(toy_root, classifier_ckpt, out) == 0
+    if output_format == "irn":  # another format's files are another run's: refused, not counted as done
+        assert _cams(toy_root, classifier_ckpt, tmp_path / "npz") == 0
+        capsys.readouterr()
+        assert _cams(toy_root, classifier_ckpt, tmp_path / "npz", "--format", output_format) == 2
+        assert "format: 'npz' -> 'irn'" in capsys.readouterr().err
     capsys.readouterr()
     assert _cams(toy_root, classifier_ckpt, out, "--format", output_format) == 0
     assert "0 already complete" in capsys.readouterr().out
@@ -144,7 +148,7 @@ def test_mean_fusion_and_peak_quantile_through_the_cli(toy_root, classifier_ckpt
             np.testing.assert_allclose(layers["stage5"], np.clip(stage5 / np.where(scale > 0, scale, 1), 0, 1), atol=1e-2)
             differs |= not np.allclose(saved["cams"], reference["cams"], atol=1e-2)
     assert differs, "the options changed nothing"
-    for option, value, message in (("--peak-quantile", "0", "peak quantile"), ("--peak-quantile", "1.2", "peak quantile")):
+    for option, value, message in (("--peak-quantile", "0", "--peak-quantile must be in (0, 1]"), ("--peak-quantile", "1.2", "--peak-quantile must be in (0, 1]")):
         assert _cams(toy_root, classifier_ckpt, tmp_path / "bad", option, value) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -189,7 +193,9 @@ def test_every_variant_from_one_pass_writes_the_files_of_separate_runs(toy_root,
     variants = {"layercam": CamVariant("layercam", ("stage3", "stage4", "stage5"), ("stage3",), True),
                 "gradcam": CamVariant("gradcam", ("stage5",), (), False),
                 "gradcampp": CamVariant("gradcam++", ("stage5",), (), False)}
-    common = dict(split="train", num_workers=0, batch_size=3, accelerator="cpu", progress=False)
+    from wsss.stages.cams import CamOptions
+
+    common = dict(options=CamOptions(num_workers=0, batch_size=3, accelerator="cpu"), split="train", progress=False)
     forwards = []
     real_forward = CamPredictor._view_maps
     monkeypatch.setattr(CamPredictor, "_view_maps", lambda self, *a: forwards.append(1) or real_forward(self, *a))

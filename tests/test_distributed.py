@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import torch
 from scipy.ndimage import gaussian_filter
 
@@ -34,6 +35,7 @@ from wsss.errors import ConfigError
 from wsss.formats.cams import write_cams
 from wsss.formats.label_png import read_label_png
 from wsss.metrics import SegmentationMetric, confusion_matrix, scores_from_confusion
+from wsss.records import RECORD_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
@@ -68,9 +70,9 @@ def write_list(path: Path, ids: list[str]) -> Path:
 
 
 def assert_same_files(expected_dir: Path, actual_dir: Path, names: list[str]) -> None:
-    """Both folders hold exactly ``names`` (no temporary or extra files), byte for byte equal."""
-    assert sorted(p.name for p in expected_dir.iterdir()) == sorted(names)
-    assert sorted(p.name for p in actual_dir.iterdir()) == sorted(names)
+    """Both folders hold exactly ``names`` and their record (no temporary or extra files), byte for byte equal."""
+    assert sorted(p.name for p in expected_dir.iterdir()) == sorted([*names, RECORD_FILE])
+    assert sorted(p.name for p in actual_dir.iterdir()) == sorted([*names, RECORD_FILE])
     differing = [name for name in names if (expected_dir / name).read_bytes() != (actual_dir / name).read_bytes()]
     assert not differing, f"files differ between 1 and 2 processes: {differing}"
 
@@ -112,7 +114,7 @@ def test_spawning_strategies_are_refused_before_any_work(toy_root, tmp_path, cap
             "--split", str(write_list(tmp_path / "ids.txt", ids)), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"]
     assert cli(args) == 2
     assert "--strategy ddp_spawn" in capsys.readouterr().err
-    assert not list((tmp_path / "out").iterdir())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [RECORD_FILE]  # the settings asked for, no label
 
 
 # ----------------------------------------------------------------------------- predict stages

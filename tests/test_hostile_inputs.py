@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import torch
 import yaml
 from PIL import Image
@@ -29,6 +30,7 @@ from wsss.cli import main
 from wsss.data.toy import make_toy_voc
 from wsss.formats.cams import write_cams
 from wsss.formats.label_png import read_label_png, write_label_png
+from wsss.records import RECORD_FILE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 BROKEN = "toy_00001"
@@ -409,7 +411,7 @@ def test_list_with_duplicates_blank_lines_and_crlf_is_read_once_per_id(stage, ro
     assert_no_traceback(captured)
     if stage in WRITTEN:
         folder, suffix = WRITTEN[stage]
-        assert sorted(p.name for p in (tmp_path / "out" / folder).iterdir()) == [f"toy_00000{suffix}", f"toy_00001{suffix}"]
+        assert sorted(p.name for p in (tmp_path / "out" / folder).iterdir()) == [f"toy_00000{suffix}", f"toy_00001{suffix}", RECORD_FILE]
     if stage in ("evaluate", "eval-cams", "check-data"):
         assert re.search(r"\b2 images\b", captured.out)
 
@@ -545,8 +547,8 @@ def pipeline_yaml(path: Path, root: Path, out: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({"segmentr": {}}, r"unknown key\(s\) \['segmentr'\]; valid keys: .*'segmenter'"),
-        ({"pseudo": {"treshold": 0.4}}, r"unknown key\(s\) \['treshold'\] in 'pseudo'; valid keys: .*'threshold'"),
+        ({"segmentr": {}}, r"unknown key\(s\) 'segmentr' \(did you mean 'segmenter'\?\) in the pipeline config; valid keys: .*segmenter"),
+        ({"pseudo": {"treshold": 0.4}}, r"unknown key\(s\) 'treshold' \(did you mean 'threshold'\?\) in 'pseudo'; valid keys: .*threshold"),
         # classifier/segmenter sections are the stages' own options: checked by their parsers,
         # before the first stage runs (not after hours of CAMs)
         ({"segmenter": {"modle": {"width": 0.5}}}, r"valid keys at the top level: .*\bmodel\b"),

@@ -236,9 +236,10 @@ def test_predict_seg_writes_one_png_per_val_image(trained, toy_root, tmp_path):
         labels = read_label_png(out / f"{image_id}.png")
         assert labels.shape == read_label_png(layout.mask_path(image_id)).shape
         assert labels.max() <= 20
-    # Existing PNGs are skipped unless --overwrite.
+    # The same settings again: existing PNGs are skipped (a resumed run), whatever the resources.
     stamp = (out / f"{val_ids[0]}.png").stat().st_mtime_ns
-    assert wsss_main(predict_args(trained / "ckpt" / "best.ckpt", toy_root, out, "--split", split)) == 0
+    same = predict_args(trained / "ckpt" / "best.ckpt", toy_root, out, "--split", split, "--scales", "0.75,1", "--flip", "--num-workers", "0")
+    assert wsss_main(same) == 0
     assert (out / f"{val_ids[0]}.png").stat().st_mtime_ns == stamp
 
 

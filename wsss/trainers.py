@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -30,7 +31,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from wsss.errors import ConfigError
 from wsss.io import ensure_output_dir
 from wsss.systems.callbacks import ImagesPerSecondBar, PeriodicLastCheckpoint
-from wsss.systems.checkpoints import CheckpointMismatch, SafeCheckpointIO
+from wsss.systems.checkpoints import SafeCheckpointIO
+from wsss.systems.state_dicts import CheckpointMismatch
 
 # A training stage's configuration: its command line (argv) or the parsed YAML as a dict of sections.
 TrainingConfig = Sequence[str] | Mapping[str, Any]
@@ -204,6 +206,22 @@ def check_config(stage: TrainingStage, config: TrainingConfig) -> None:
     """ConfigError (listing the valid keys) unless ``config`` is a valid configuration of ``stage``;
     builds nothing."""
     TrainingCLI(stage, config, instantiate=False)
+
+
+# Settings of a training config that change what it logs or where it writes, never the weights it
+# trains: left out of ``wsss run``'s step hashes. (``data.num_workers`` is not among them: each
+# worker draws its own augmentation stream, so another count trains another network.)
+RESULT_NEUTRAL_TRAINING_KEYS = (
+    "checkpoint", "last_checkpoint", "ckpt_path", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.default_root_dir", "trainer.enable_checkpointing",
+)
+
+
+def resolved_config(stage: TrainingStage, config: TrainingConfig) -> dict[str, Any]:
+    """``config`` parsed by the stage's parser, every default filled in, as plain data (what the
+    stage will train with); ConfigError like :func:`check_config`."""
+    cli = TrainingCLI(stage, config, instantiate=False)
+    return json.loads(cli.parser.dump(cli.config, format="json", skip_check=True))
 
 
 def check_output_dirs(trainer: pl.Trainer) -> None:

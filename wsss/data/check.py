@@ -10,6 +10,7 @@ from tqdm import tqdm
 from wsss.data import resolve_data_root
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import DataError, WsssError
+from wsss.parallel import chunked
 from wsss.formats.images import read_image
 from wsss.formats.label_png import check_mask_size, read_label_png
 
@@ -72,9 +73,10 @@ def main(argv: list[str]) -> int:
             continue
         missing = [i for i in split_ids if not layout.image_path(i).is_file()]
         problems += [(i, "missing image", f"{layout.image_path(i)}: listed in {split} but not found") for i in missing]
-        ids += [i for i in split_ids if i not in missing]
+        absent = set(missing)
+        ids += [i for i in split_ids if i not in absent]
     ids = list(dict.fromkeys(ids))  # splits overlap (train is inside train_aug)
-    chunks = [ids[start:start + 64] for start in range(0, len(ids), 64)]
+    chunks = chunked(ids, 64)
     jobs = [(str(layout.root), str(layout.mask_dir), str(args.labels), chunk) for chunk in chunks]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool, tqdm(total=len(ids), desc="checking", unit="img") as bar:
         for chunk, found in zip(chunks, pool.map(_check_chunk, jobs)):

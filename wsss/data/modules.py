@@ -12,7 +12,7 @@ from wsss.data import resolve_data_root
 from wsss.data.datasets import ClassificationDataset, SegmentationDataset
 from wsss.data.transforms import eval_transform, fit_transform, train_transform
 from wsss.data.voc import ImageLabels, VOCLayout
-from wsss.errors import ConfigError, DataError
+from wsss.errors import ConfigError, DataError, name_some
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class ClassificationDataModule(pl.LightningDataModule):
     """Images with image-level labels for training the classifier.
 
     Args:
-        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset.
+        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset; required (no
+            silent toy default).
         train_split: split name under ImageSets/Segmentation, or a list file path.
         val_split: as ``train_split``; validation measures mAP / F1 on it.
         labels: image-level label source: ``auto`` (Annotations/ if present, else the root's
@@ -95,7 +96,7 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str = "toy",
+        root: str,
         train_split: str = "train_aug",
         val_split: str = "val",
         labels: str = "auto",
@@ -143,11 +144,6 @@ class ClassificationDataModule(pl.LightningDataModule):
 GT_LABELS = "gt"  # ``train_labels`` value meaning "the dataset's own GT masks" (the upper bound)
 
 
-def _name_ids(ids: list[str], limit: int = 10) -> str:
-    shown = ", ".join(ids[:limit])
-    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
-
-
 class SegmentationDataModule(pl.LightningDataModule):
     """Images with dense labels for training the segmenter; GT masks for validation.
 
@@ -155,7 +151,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_labels: directory of ``<id>.png`` label maps to train on (pseudo-labels of any
             method, values 0..20 or 255), or ``gt`` for the dataset's GT masks (the fully
             supervised upper bound).
-        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset.
+        root: VOC2012 folder (or VOCdevkit, or its parent), or ``toy`` for the built-in toy dataset; required (no
+            silent toy default).
         train_split: split name under ImageSets/Segmentation, or a list file path.
         val_split: as ``train_split``; validation scores mIoU on full-size images against the GT
             masks (SegmentationClassAug if present, else SegmentationClass).
@@ -170,7 +167,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         train_labels: str,
-        root: str = "toy",
+        root: str,
         train_split: str = "train_aug",
         val_split: str = "val",
         crop_size: int = 321,
@@ -206,7 +203,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         missing = [i for i in train_ids if not (label_dir / f"{i}.png").is_file()]
         if missing:
             raise DataError(
-                f"{len(missing)} of {len(train_ids)} '{hp.train_split}' ids have no label PNG in {label_dir}: {_name_ids(missing)}"
+                f"{len(missing)} of {len(train_ids)} '{hp.train_split}' ids have no label PNG in {label_dir}: {name_some(missing)}"
             )
         log.info("segmentation data: %s, %d train images labelled by %s / %d val images", layout.root, len(train_ids), label_dir, len(val_ids))
         transform = train_transform(hp.crop_size, tuple(hp.scale_range), hp.flip, hp.color_jitter)

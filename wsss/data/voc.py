@@ -185,7 +185,15 @@ class ImageLabels:
         else:
             self.kind, self.description = "table", f"label table {text}"
             self._table = read_label_table(text)
+        self.table_path = None if self._table is None else Path(text)
         log.info("image-level labels from %s", self.description)
+
+    def identity(self) -> str:
+        """What the labels are, for a stage folder's record: ``annotations``, ``masks`` or the
+        table's SHA-256 (so a copied table is the same labels, an edited one is not)."""
+        from wsss.records import file_digest
+
+        return self.kind if self.table_path is None else f"table:{file_digest(self.table_path)}"
 
     def path_of(self, image_id: str) -> Path | None:
         """File the labels of ``image_id`` are read from (None for a table)."""

@@ -94,6 +94,13 @@ def list_cam_ids(cam_dir: Path) -> list[str]:
                    if entry.name.endswith(SUFFIXES) and not entry.name.startswith(".")})
 
 
+def cam_files_in(cam_dir: Path) -> list[Path]:
+    """Every CAM file (either layout) in ``cam_dir``; none when it does not exist."""
+    if not cam_dir.is_dir():
+        return []
+    return [Path(entry.path) for entry in os.scandir(cam_dir) if entry.name.endswith(SUFFIXES) and not entry.name.startswith(".")]
+
+
 def is_complete(path: Path) -> bool:
     """True when ``path`` is a complete CAM file of its suffix's layout (the test for "already done"
     when ``wsss cams`` resumes); its values are not checked."""

@@ -96,6 +96,13 @@ def list_label_ids(directory: Path) -> list[str]:
     return sorted(name[: -len(SUFFIX)] for name in _names_in(directory) if name.endswith(SUFFIX) and not name.startswith("."))
 
 
+def label_pngs_in(directory: Path) -> list[Path]:
+    """Every label PNG in ``directory``; none when it does not exist."""
+    if not directory.is_dir():
+        return []
+    return [directory / f"{image_id}{SUFFIX}" for image_id in list_label_ids(directory)]
+
+
 def missing_label_pngs(directory: Path, ids: Sequence[str]) -> list[str]:
     """Ids without ``directory/<id>.png`` (one listdir, not one stat per id)."""
     present = _names_in(directory)

@@ -9,7 +9,6 @@ by the stages' parsers (:func:`wsss.pipeline.steps.check_training_configs`).
 """
 from __future__ import annotations
 
-import math
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +19,12 @@ from typing import Any
 import yaml
 
 from wsss.errors import ConfigError
+from wsss.options import OptionError, option, option_key, same_option, unknown_keys_error
+from wsss.stages.cams import CamOptions
+from wsss.stages.eval_cams import EvalCamsOptions
+from wsss.stages.predict import PredictOptions
+from wsss.stages.pseudo_labels import PseudoLabelOptions
+from wsss.systems.predictors import CamVariant
 
 # CAM baselines a run may add (method -> its folder under OUT/cams/).
 BASELINES = {"gradcam": "gradcam", "gradcam++": "gradcampp"}
@@ -38,106 +43,57 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def _positive_numbers(name: str, values: tuple[float, ...]) -> None:
-    if not values or not all(value > 0 for value in values):
-        raise ConfigError(f"{name} must be a list of positive numbers, got {list(values)!r}")
-
-
 @dataclass(frozen=True)
-class CamsConfig:
-    """``cams``: LayerCAM at ``layers`` fused, plus the Grad-CAM-family ``baselines`` at stage 5.
-    ``fusion`` and ``peak_quantile`` (:func:`wsss.cams.fuse_cams`) apply to LayerCAM; the baselines
-    keep the standard division by their maximum."""
+class CamsConfig(CamOptions):
+    """``cams``: LayerCAM at ``layers`` fused, plus the Grad-CAM-family ``baselines`` at stage 5,
+    from one pass with :class:`~wsss.stages.cams.CamOptions`. ``fusion`` and ``peak_quantile``
+    (:func:`wsss.cams.fuse_cams`) apply to LayerCAM; the baselines keep the standard division by
+    their maximum."""
 
-    layers: tuple[str, ...] = ("stage3", "stage4", "stage5")
-    scaled_layers: tuple[str, ...] = field(default=("stage3",), metadata={"key": "scaled"})
-    gamma: float = 2.0
-    fusion: str = "max"
-    peak_quantile: float = 1.0
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    view_weighting: str = "area"
-    channels_last: bool = False
-    baselines: tuple[str, ...] = ("gradcam", "gradcam++")
-    labels: str = "auto"
-    batch_size: int = 1
-    num_workers: int = 2
-    accelerator: str = "auto"
-    devices: int | str = 1
+    layers: tuple[str, ...] = same_option(CamVariant, "layers")
+    scaled_layers: tuple[str, ...] = same_option(CamVariant, "scaled_layers")
+    peak_quantile: float = same_option(CamVariant, "peak_quantile")
+    fusion: str = same_option(CamVariant, "fusion")
+    baselines: tuple[str, ...] = option(tuple(BASELINES), "Grad-CAM-family baselines at stage 5, each in cams/<name>/")
 
     def __post_init__(self):
-        if not self.layers:
-            raise ConfigError("cams.layers must not be empty")
+        super().__post_init__()
+        self.layercam()  # the variant checks its own values
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ConfigError(f"cams.baselines {bad} unknown; choose from {sorted(BASELINES)}")
-        _positive_numbers("cams.scales", self.scales)
-        from wsss.cams import FUSIONS, VIEW_WEIGHTINGS
+            raise OptionError("baselines", f"{bad} unknown; choose from {', '.join(BASELINES)}")
 
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"cams.fusion {self.fusion!r} unknown; choose from {', '.join(FUSIONS)}")
-        if not 0 < self.peak_quantile <= 1:
-            raise ConfigError(f"cams.peak_quantile must be in (0, 1], got {self.peak_quantile!r}")
-        if self.view_weighting not in VIEW_WEIGHTINGS:
-            raise ConfigError(f"cams.view_weighting {self.view_weighting!r} unknown; choose from {', '.join(VIEW_WEIGHTINGS)}")
+    def layercam(self) -> CamVariant:
+        return CamVariant("layercam", self.layers, self.scaled_layers, True, self.peak_quantile, self.fusion)
+
+
+EvalCamsConfig = EvalCamsOptions  # ``eval_cams``: the thresholds of the seed sweep
 
 
 @dataclass(frozen=True)
-class EvalCamsConfig:
-    """``eval_cams``: the background thresholds of the seed sweep (``START:STOP:STEP`` or ``a,b``)."""
+class PseudoConfig(PseudoLabelOptions):
+    """``pseudo``: :class:`~wsss.stages.pseudo_labels.PseudoLabelOptions`, and with
+    ``threshold_from_seeds`` each CAM folder's threshold is its best seed threshold of this run's
+    eval-cams sweep on ``eval_split`` instead of ``threshold`` (the step checks the band against it)."""
 
-    thresholds: str = "0.05:0.95:0.05"
-    workers: int = 1
+    threshold_from_seeds: bool = option(False, "each CAM folder's threshold is its best one in this run's seed sweep (eval_split)")
+
+    def band_floor(self) -> float:
+        return 0.0 if self.threshold_from_seeds else self.threshold
 
 
 @dataclass(frozen=True)
-class PseudoConfig:
-    """``pseudo``: eq. 10's background threshold (or, with ``threshold_from_seeds``, each CAM
-    folder's best seed threshold of this run's eval-cams sweep on ``eval_split``), the optional
-    uncertain band up to ``ignore_below`` (left at 255), the dense-CRF refinement ``crf``, and SLIC
-    overrides (None = the stage's default)."""
+class PredictConfig(PredictOptions):
+    """``predict``: the splits the segmenter labels and is scored on (default: val and eval), with
+    :class:`~wsss.stages.predict.PredictOptions`; one device (the step runs in the run's process)."""
 
-    threshold: float = 0.3
-    threshold_from_seeds: bool = False
-    ignore_below: float | None = None
-    crf: bool = False
-    n_segments: int | None = None
-    compactness: float | None = None
-    sigma: float | None = None
-    workers: int = 1
+    splits: tuple[str, ...] | None = option(None, "splits the segmenter predicts and is scored on (none: val_split and eval_split)")
+    devices: int | str = option(1, "Lightning devices", neutral=True)
 
     def __post_init__(self):
-        if not math.isfinite(self.threshold):
-            raise ConfigError(f"pseudo.threshold must be a finite number, got {self.threshold!r}")
-        # With threshold_from_seeds the constant threshold is replaced per CAM folder; the step
-        # checks the band against each folder's own threshold.
-        floor = 0.0 if self.threshold_from_seeds else self.threshold
-        if self.ignore_below is not None and not (math.isfinite(self.ignore_below) and self.ignore_below > floor):
-            bound = "0 (the thresholds come from the seeds)" if self.threshold_from_seeds else f"pseudo.threshold ({self.threshold})"
-            raise ConfigError(f"pseudo.ignore_below must be a number above {bound}, got {self.ignore_below!r}")
-        if self.crf and self.ignore_below is not None:
-            raise ConfigError("pseudo.crf and pseudo.ignore_below cannot be combined (the band is on the constant threshold the CRF replaces)")
-
-    def slic(self) -> dict[str, Any]:
-        """The SLIC options given (the others keep SLIC_DEFAULTS)."""
-        return {k: v for k, v in (("n_segments", self.n_segments), ("compactness", self.compactness), ("sigma", self.sigma)) if v is not None}
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """``predict``: the splits the segmenter labels and is scored on (default: val and eval) and its test-time views."""
-
-    splits: tuple[str, ...] | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    batch_size: int = 1
-    num_workers: int = 2
-    accelerator: str = "auto"
-
-    def __post_init__(self):
+        super().__post_init__()
         if self.splits is not None and not self.splits:
-            raise ConfigError(f"predict.splits must be a non-empty list of split names, got {list(self.splits)!r}")
-        _positive_numbers("predict.scales", self.scales)
+            raise OptionError("splits", f"must be a non-empty list of split names, got {list(self.splits)!r}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +114,7 @@ class PipelineConfig:
     training set; ``eval_split``: seed and pseudo-label mIoU; ``val_split``: validation of both
     trained stages."""
 
-    data_root: str = "toy"
+    data_root: str | None = None  # required: a VOC-layout folder, or "toy" named explicitly
     out: str = "out"
     cam_split: str = "train_aug"
     eval_split: str = "train"
@@ -187,7 +143,7 @@ def _plain(value: Any) -> Any:
 
 
 def _key(f) -> str:
-    return f.metadata.get("key", f.name)
+    return option_key(f)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -238,9 +194,13 @@ def _section(path: Path, name: str, cls: type, value: Any) -> Any:
     by_key = {_key(f): f for f in fields(cls)}
     unknown = sorted(set(value) - set(by_key))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown} in '{name}'; valid keys: {sorted(by_key)}")
+        raise unknown_keys_error(f"'{name}'", unknown, by_key)
     hints = typing.get_type_hints(cls)
-    return cls(**{f.name: _coerce(value[key], hints[f.name], f"{name}.{key}") for key, f in by_key.items() if key in value})
+    try:
+        return cls(**{f.name: _coerce(value[key], hints[f.name], f"{name}.{key}") for key, f in by_key.items() if key in value})
+    except OptionError as exc:  # one check, named as the YAML names it
+        field_ = next((f for f in fields(cls) if f.name == exc.name), None)
+        raise ConfigError(f"{name}.{_key(field_) if field_ else exc.name} {exc.problem}") from None
 
 
 def _training_section(path: Path, name: str, value: Any) -> TrainingSection:
@@ -261,7 +221,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     valid = [f.name for f in fields(PipelineConfig)]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        raise ConfigError(f"{path}: {unknown_keys_error('the pipeline config', unknown, valid)}")
     hints = typing.get_type_hints(PipelineConfig)
     values: dict[str, Any] = {}
     try:
@@ -274,6 +234,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
                 if raw[name] is None or isinstance(raw[name], (dict, list)):
                     raise ConfigError(f"'{name}' must be a single value, got {raw[name]!r}")
                 values[name] = _coerce(raw[name], hints[name], name)
+        if values.get("data_root") is None:
+            raise ConfigError("data_root is required: a VOC2012 folder (or VOCdevkit, or its parent), or 'toy' for the built-in "
+                              "toy dataset (in the YAML, or --data-root)")
         return PipelineConfig(**values)
     except ConfigError as exc:
         message = str(exc)

@@ -31,9 +31,9 @@ from wsss.errors import ConfigError, WsssError
 from wsss.parallel import end_process_group
 from wsss.pipeline import steps
 from wsss.pipeline.config import PipelineConfig, load_config
-from wsss.pipeline.manifest import Decision, decide, read_manifest, write_manifest
+from wsss.pipeline.manifest import Decision, decide, digest, read_manifest, write_manifest
 from wsss.pipeline.results import build_results, results_table
-from wsss.pipeline.steps import STAGES, STEP_BY_NAME, STEPS, Run, step_hash
+from wsss.pipeline.steps import STAGES, STEP_BY_NAME, STEPS, Run, hashed_payload
 
 STEP_ENV = "WSSS_RUN_STEP"
 # What Lightning's ddp launcher puts in the environment of the process that starts the others.
@@ -111,7 +111,8 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
     hashes: dict[str, str] = {}
     print(f"wsss run: data {run.data_root}, output {out.resolve()}", flush=True)
     for number, step in enumerate(STEPS[:last + 1], 1):
-        hashes[step.name] = step_hash(step, run, hashes)
+        payload = hashed_payload(step, run, hashes)
+        hashes[step.name] = digest(payload)
         banner = f"[{number}/{len(STEPS)}] {step.name}"
         decision = decide(read_manifest(out, step.name), hashes[step.name], step.name in forced, lambda: step.complete(run))
         print(f"{banner}: {decision.value}", flush=True)
@@ -120,7 +121,7 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
         if decision is Decision.FRESH:
             _clear(step.outputs(run))
         record = {"stage": step.name, "hash": hashes[step.name], "deps": {d: hashes[d] for d in step.deps},
-                  "config": config.to_dict()[step.section] if step.section else None, "finished": False}
+                  "config": config.to_dict()[step.section] if step.section else None, "hashed": payload, "finished": False}
         write_manifest(out, step.name, record)
         start = time.perf_counter()
         produced = _run_step(step, run)
@@ -136,6 +137,52 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
         print(f"wsss run: stopped after '{STAGES[last]}' in {time.perf_counter() - total:.1f}s\n")
     print(results_table(results), flush=True)
     return results
+
+
+def explain(config: PipelineConfig, start_from: str | None = None, force: bool = False, until: str | None = None) -> list[str]:
+    """Per step, whether ``run_pipeline`` with the same arguments would run it or reuse its outputs,
+    and why (what changed since its manifest was written); runs nothing."""
+    from wsss.data import resolve_data_root
+
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    out = Path(config.out)
+    run = Run(config, out, resolve_data_root(config.data_root).resolve(), quiet=True)
+    forced = set(STAGES) if force else set(STAGES[STAGES.index(start_from):]) if start_from else set()
+    hashes: dict[str, str] = {}
+    will_run: set[str] = set()
+    lines = []
+    for number, step in enumerate(STEPS[:last + 1], 1):
+        payload = hashed_payload(step, run, hashes)
+        hashes[step.name] = digest(payload)
+        manifest = read_manifest(out, step.name)
+        decision = decide(manifest, hashes[step.name], step.name in forced, lambda: step.complete(run))
+        if decision is Decision.SKIP:
+            reason = "outputs up to date"
+        elif step.name in forced:
+            reason = "named by --from/--force"
+        elif manifest is None:
+            reason = "never run into this folder"
+        elif decision is Decision.RESUME:
+            reason = "same settings; interrupted or outputs missing, finished files are kept"
+        else:
+            rerun_deps = [d for d in step.deps if d in will_run]
+            changed = [c for c in changed_settings(manifest.get("hashed"), payload) if not c.startswith("deps.")]
+            parts = ([f"reads '{', '.join(rerun_deps)}', which will run"] if rerun_deps else []) + changed
+            reason = "; ".join(parts[:8]) or "its manifest predates the recorded settings"
+        if decision is not Decision.SKIP:
+            will_run.add(step.name)
+        lines.append(f"[{number}/{len(STEPS)}] {step.name}: {'reuse' if decision is Decision.SKIP else 'run'} ({reason})")
+    return lines
+
+
+def changed_settings(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """``["cams.fusion: 'max' -> 'mean'", ...]``: the leaves that differ between two hashed payloads."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in sorted(set(before) | set(after), key=str)
+                for change in changed_settings(before.get(key), after.get(key), f"{prefix}{key}.")]
+    if before != after:
+        return [f"{prefix[:-1] or 'settings'}: {before!r} -> {after!r}"]
+    return []
 
 
 def run_step_alone(config: PipelineConfig, name: str) -> None:
@@ -171,10 +218,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--until", default=None, choices=STAGES, help="stop after this stage")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration (every default filled in) and exit")
+    parser.add_argument("--explain", action="store_true", help="print, per step, whether it would run or be reused and why; run nothing")
     args = parser.parse_args(argv)
     config = load_config(args.config, {"data_root": args.data_root, "out": args.out})
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.explain:
+        quiet_library_logs()
+        print("\n".join(explain(config, args.start_from, args.force, args.until)))
         return 0
     quiet_library_logs()
     child_step = ddp_child_step()

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError, DataError
+from wsss.options import OptionError, narrowed, result_params
 from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection, read_yaml
 from wsss.pipeline.manifest import read_manifest
 from wsss.pipeline.results import build_results
 from wsss.systems.predictors import CamVariant
 from wsss.trainers import is_global_zero
 
+SECTIONS_WITH_OPTIONS = ("cams", "eval_cams", "pseudo", "predict")  # the training sections are hashed by training_options
 SEED_ROWS = (  # (row name, CAM folder, npz key: None = the file's fused map, "a+b" = max of saved layers)
     ("Grad-CAM stage5", "gradcam", None),
     ("Grad-CAM++ stage5", "gradcampp", None),
@@ -67,6 +69,7 @@ class Run:
     data_root: Path
     quiet: bool = False
     _ids: dict[str, list[str]] = field(default_factory=dict)
+    _data_identities: dict[tuple, str] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
         if not self.quiet and is_global_zero():
@@ -81,10 +84,28 @@ class Run:
             self._ids[split] = self.layout.read_ids(split)
         return self._ids[split]
 
+    def data_identity(self, splits: Sequence[str], masks: bool = False) -> str:
+        """What the steps reading ``splits`` read of the dataset, independent of where it lies: each
+        split's ids, the byte size of every image (and mask, with ``masks``), and the image-level
+        labels (:meth:`ImageLabels.identity`). A moved or copied dataset is the same data."""
+        from wsss.data.voc import ImageLabels
+        from wsss.pipeline.manifest import digest
+
+        key = (tuple(splits), masks)
+        if key not in self._data_identities:
+            sizes = {}
+            for split in splits:
+                ids = self.ids(split)
+                files = [self.layout.image_path(i) for i in ids] + ([self.layout.mask_path(i) for i in ids] if masks else [])
+                sizes[split] = [ids, [path.stat().st_size if path.is_file() else None for path in files]]
+            labels = ImageLabels(self.layout, self.config.cams.labels).identity()
+            self._data_identities[key] = digest({"splits": sizes, "labels": labels})
+        return self._data_identities[key]
+
     def cam_variants(self) -> dict[str, CamVariant]:
         """CAM folder -> variant: ``layercam`` and one folder per baseline."""
         cams = self.config.cams
-        variants = {"layercam": CamVariant("layercam", cams.layers, cams.scaled_layers, True, cams.peak_quantile, cams.fusion)}
+        variants = {"layercam": cams.layercam()}
         for method in cams.baselines:
             variants[BASELINES[method]] = CamVariant(method, ("stage5",), (), False)
         return variants
@@ -163,15 +184,13 @@ def train_classifier_step(run: Run) -> dict[str, Any]:
 def cams_step(run: Run) -> dict[str, Any]:
     from wsss.stages.cams import make_cams
 
-    c = run.config.cams
+    from wsss.stages.cams import CamOptions
+
     variants = run.cam_variants()
     for name, variant in variants.items():
         run.say(f"  cams/{name}: {variant.method} at {','.join(variant.layers)}")
-    counts = make_cams(
-        run.out / "classifier" / "best.ckpt", run.data_root, {run.out / "cams" / name: v for name, v in variants.items()},
-        split=run.config.cam_split, labels=c.labels, gamma=c.gamma, scales=c.scales, flip=c.flip, view_weighting=c.view_weighting, channels_last=c.channels_last, batch_size=c.batch_size,
-        num_workers=c.num_workers, accelerator=c.accelerator, devices=c.devices, progress=False,
-    )
+    counts = make_cams(run.out / "classifier" / "best.ckpt", run.data_root, {run.out / "cams" / name: v for name, v in variants.items()},
+                       narrowed(run.config.cams, CamOptions), split=run.config.cam_split, progress=False)
     return {"counts": {name: dataclasses.asdict(counts[run.out / "cams" / name]) for name in variants}}
 
 
@@ -179,7 +198,7 @@ def eval_cams_step(run: Run) -> dict[str, Any]:
     from wsss.pseudo import DEFAULT_THRESHOLD
     from wsss.stages.eval_cams import best_threshold, evaluate_cams, parse_thresholds
 
-    thresholds = parse_thresholds(run.config.eval_cams.thresholds)
+    thresholds = parse_thresholds(run.config.eval_cams.thresholds)  # checked when the config loaded
     ids = run.ids(run.config.eval_split)
     rows = {}
     for row, folder, key in SEED_ROWS:
@@ -193,17 +212,18 @@ def eval_cams_step(run: Run) -> dict[str, Any]:
 
 
 def pseudo_labels_step(run: Run) -> dict[str, Any]:
-    from wsss.stages.pseudo_labels import PseudoLabelParams, make_pseudo_labels
+    from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
 
     c = run.config.pseudo
     counts, thresholds = {}, {}
     for name in run.pseudo_variants():
         thresholds[name] = seed_threshold(run, name) if c.threshold_from_seeds else c.threshold
-        if c.ignore_below is not None and c.ignore_below <= thresholds[name]:
-            raise ConfigError(f"pseudo.ignore_below {c.ignore_below} is not above the threshold {thresholds[name]} of {name}")
-        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, crf=c.crf, slic=c.slic())
+        try:
+            options = narrowed(c, PseudoLabelOptions, threshold=thresholds[name])
+        except OptionError as exc:
+            raise ConfigError(f"pseudo.{exc.name} {exc.problem} (the threshold of {name})") from None
         summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
-                                     params=params, workers=c.workers, progress=False)
+                                     options=options, progress=False)
         run.say(f"  pseudo/{name}: threshold {thresholds[name]:g}; {summary.line()}")
         summary.raise_for_failures()
         counts[name] = {"written": summary.written, "skipped": summary.skipped_existing}
@@ -242,15 +262,14 @@ def train_segmenter_step(run: Run) -> dict[str, Any]:
 
 
 def predict_step(run: Run) -> dict[str, Any]:
-    from wsss.stages.predict import predict_segmentation
+    from wsss.stages.predict import PredictOptions, predict_segmentation
 
-    c = run.config.predict
     best = run.out / "segmenter" / "best.ckpt"
     checkpoint = best if best.is_file() else run.out / "segmenter" / "last.ckpt"
     counts = {}
     for split in run.prediction_splits():
-        predict_segmentation(checkpoint, run.data_root, run.out / "predictions" / split, split=split, scales=c.scales, flip=c.flip,
-                             batch_size=c.batch_size, num_workers=c.num_workers, accelerator=c.accelerator, devices=1, progress=False)
+        predict_segmentation(checkpoint, run.data_root, run.out / "predictions" / split, narrowed(run.config.predict, PredictOptions),
+                             split=split, progress=False)
         counts[split] = len(run.ids(split))
     return {"counts": counts}
 
@@ -274,8 +293,50 @@ def _all_files(run: Run, folder: str, names: Mapping[str, list[str]], suffix: st
     return all((run.out / folder / sub / f"{i}{suffix}").is_file() for sub, ids in names.items() for i in ids)
 
 
-def _stage_yaml(run: Run, section: TrainingSection) -> dict[str, Any]:
-    return {"stage_yaml": section.config.read_text(encoding="utf-8"), "section": dict(section.overrides)}
+def _weights_identity(run: Run, weights: Any) -> Any:
+    """A ``model.weights`` value as the step hash sees it: a file by its bytes, this run's
+    classifier by name (the classifier step's hash covers it), ``imagenet``/``none`` as they are."""
+    from wsss.records import file_digest
+
+    text = str(weights)
+    if text.startswith("classifier:"):
+        return "this run's classifier" if Path(text.split(":", 1)[1]).resolve() == (run.out / "classifier" / "best.ckpt").resolve() else \
+            f"classifier sha256:{file_digest(text.split(':', 1)[1])}"
+    path = Path(text).expanduser()
+    return f"sha256:{file_digest(path)}" if path.is_file() else weights
+
+
+def training_options(run: Run, name: str) -> dict[str, Any]:
+    """What a training step's hash covers: the stage's configuration as its parser resolves it
+    (every default filled in; not the YAML's text or path), less the settings that only log or
+    save (:data:`~wsss.trainers.RESULT_NEUTRAL_TRAINING_KEYS`) and the paths the run sets, with
+    the weights file by its bytes and the data by :meth:`Run.data_identity`."""
+    from wsss.stages.train_classifier import STAGE as CLASSIFIER
+    from wsss.stages.train_segmenter import STAGE as SEGMENTER
+    from wsss.trainers import RESULT_NEUTRAL_TRAINING_KEYS, resolved_config
+
+    config = run.classifier_config() if name == "classifier" else run.segmenter_config()
+    config.pop("ckpt_path", None)  # whether the run resumes, not what it trains
+    resolved = resolved_config(CLASSIFIER if name == "classifier" else SEGMENTER, config)
+    for dotted in RESULT_NEUTRAL_TRAINING_KEYS:
+        *parents, last = dotted.split(".")
+        section = resolved
+        for parent in parents:
+            section = section.get(parent, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict):
+            section.pop(last, None)
+    model, data = resolved.get("model", {}), resolved.get("data", {})
+    if "weights" in model:
+        model["weights"] = _weights_identity(run, model["weights"])
+    data.pop("root", None)
+    data.pop("labels", None)  # in the data identity
+    if name == "segmenter":
+        data.pop("train_labels", None)  # this run's pseudo-labels: the pseudo-labels step's hash covers them
+        splits = [run.config.cam_split, run.config.val_split]
+    else:
+        splits = [data.get("train_split", "train"), run.config.val_split]
+    resolved["data_identity"] = run.data_identity(splits, masks=True)
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -295,33 +356,35 @@ STEPS = (
     Step("classifier", train_classifier_step, "classifier", (),
          outputs=lambda run: [run.out / "classifier", run.out / "logs" / "classifier"],
          complete=lambda run: all((run.out / "classifier" / name).is_file() for name in ("best.ckpt", "last.ckpt")),
-         also_hashed=lambda run: {"data_root": str(run.data_root), "val_split": run.config.val_split, **_stage_yaml(run, run.config.classifier)}),
+         also_hashed=lambda run: {"training": training_options(run, "classifier")}),
     Step("cams", cams_step, "cams", ("classifier",), outputs=lambda run: [run.out / "cams"],
          complete=lambda run: _all_files(run, "cams", {v: run.ids(run.config.cam_split) for v in run.cam_variants()}, ".npz"),
-         also_hashed=lambda run: {"split": run.config.cam_split}),
-    Step("eval-cams", eval_cams_step, "eval_cams", ("cams",), also_hashed=lambda run: {"split": run.config.eval_split}),
+         also_hashed=lambda run: {"split": run.config.cam_split, "data": run.data_identity([run.config.cam_split])}),
+    Step("eval-cams", eval_cams_step, "eval_cams", ("cams",),
+         also_hashed=lambda run: {"split": run.config.eval_split, "data": run.data_identity([run.config.eval_split], masks=True)}),
     Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams", "eval-cams"), outputs=lambda run: [run.out / "pseudo"],
          complete=lambda run: _all_files(run, "pseudo", {v: run.ids(run.config.cam_split) for v in run.pseudo_variants()}, ".png"),
-         also_hashed=lambda run: {"split": run.config.cam_split}),
-    Step("eval-pseudo", eval_pseudo_step, None, ("pseudo-labels",), also_hashed=lambda run: {"split": run.config.eval_split}),
+         also_hashed=lambda run: {"split": run.config.cam_split, "data": run.data_identity([run.config.cam_split])}),
+    Step("eval-pseudo", eval_pseudo_step, None, ("pseudo-labels",),
+         also_hashed=lambda run: {"split": run.config.eval_split, "data": run.data_identity([run.config.eval_split], masks=True)}),
     Step("segmenter", train_segmenter_step, "segmenter", ("pseudo-labels",),
          outputs=lambda run: [run.out / "segmenter", run.out / "logs" / "segmenter"],
          complete=lambda run: (run.out / "segmenter" / "last.ckpt").is_file(),
-         also_hashed=lambda run: {"splits": [run.config.cam_split, run.config.val_split], **_stage_yaml(run, run.config.segmenter)}),
+         also_hashed=lambda run: {"training": training_options(run, "segmenter")}),
     Step("predict", predict_step, "predict", ("segmenter",), outputs=lambda run: [run.out / "predictions"],
          complete=lambda run: _all_files(run, "predictions", {s: run.ids(s) for s in run.prediction_splits()}, ".png"),
-         also_hashed=lambda run: {"splits": run.prediction_splits()}),
+         also_hashed=lambda run: {"splits": run.prediction_splits(), "data": run.data_identity(run.prediction_splits())}),
     Step("evaluate", evaluate_step, None, ("predict", "eval-cams", "eval-pseudo", "classifier"), outputs=lambda run: [run.out / "results.json"],
-         complete=lambda run: (run.out / "results.json").is_file(), also_hashed=lambda run: {"splits": run.prediction_splits()}),
+         complete=lambda run: (run.out / "results.json").is_file(),
+         also_hashed=lambda run: {"splits": run.prediction_splits(), "data": run.data_identity(run.prediction_splits(), masks=True)}),
 )
 STAGES = tuple(step.name for step in STEPS)
 STEP_BY_NAME = {step.name: step for step in STEPS}
 
 
-def step_hash(step: Step, run: Run, hashes: Mapping[str, str]) -> str:
-    """The hash of everything ``step`` depends on: its config section, the hashes of the steps it
-    reads, and the other settings it names."""
-    from wsss.pipeline.manifest import digest
-
-    section = run.config.to_dict()[step.section] if step.section else None
-    return digest({"stage": step.name, "section": section, "deps": {d: hashes[d] for d in step.deps}, **step.also_hashed(run)})
+def hashed_payload(step: Step, run: Run, hashes: Mapping[str, str]) -> dict[str, Any]:
+    """Everything ``step``'s results depend on: its config section's result-changing options
+    (resolved values; resource settings left out), the hashes of the steps it reads, and the data
+    and other settings it names. Manifests keep it, so ``--explain`` can say what changed."""
+    section = result_params(getattr(run.config, step.section)) if step.section in SECTIONS_WITH_OPTIONS else None
+    return {"stage": step.name, "section": section, "deps": {d: hashes[d] for d in step.deps}, **step.also_hashed(run)}

@@ -11,21 +11,25 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS
+from wsss.cams import VIEW_WEIGHTINGS
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.errors import ConfigError
-from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_path, is_complete
+from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_files_in, cam_path, is_complete
 from wsss.formats.images import image_size
 from wsss.io import ensure_output_dir
-from wsss.stages import options
+from wsss.options import (add_options, check_choices, check_positive_list, check_range, neutral_keys, option,
+                          options_from_args, result_params)
+from wsss.options import scales as scales_option
+from wsss.records import claim_folder, file_digest
 from wsss.systems.checkpoints import load_classifier
 from wsss.systems.predictors import CamPredictor, CamVariant
 from wsss.systems.writers import CamWriter
@@ -36,6 +40,32 @@ OUTPUT_FORMATS = tuple(SUFFIX_OF_FORMAT)
 
 
 @dataclass(frozen=True)
+class CamOptions:
+    """How a CAM pass runs, for every variant it writes: image-level label source, multi-scale views
+    and tanh factor (these change the maps), and the resources (which never do)."""
+
+    labels: str = option("auto", "image-level labels: auto, annotations, masks, or a cls_labels.npy")
+    gamma: float = option(2.0, "tanh scaling factor of the scaled layers (paper: 2)")
+    scales: tuple[float, ...] = option((1.0,), "comma-separated input scales; 'irn' = 1.0,0.5,1.5,2.0", parse=scales_option)
+    flip: bool = option(False, "also use horizontally flipped inputs")
+    view_weighting: str = option("area", "how the views' maps are made comparable before they are summed: area (x scale^2, undoing "
+                                 "the pooled map's 1/(h*w)), max (each view divided by its maximum), none (raw sum)", choices=VIEW_WEIGHTINGS)
+    channels_last: bool = option(False, "NHWC memory format: faster convolutions on CPUs and recent GPUs (maps equal to float16 "
+                                 "rounding, tests/test_cams_stage.py)", neutral=True)
+    batch_size: int = option(1, "images per forward pass (equal-sized images share it)", neutral=True)
+    num_workers: int = option(2, "DataLoader workers", neutral=True)
+    accelerator: str = option("auto", "cpu, gpu, auto", neutral=True)
+    devices: int | str = option(1, "number of devices (DDP writes each image on exactly one rank)", neutral=True, parse=parse_devices)
+
+    def __post_init__(self):
+        check_choices(self)
+        check_range("gamma", self.gamma, 0, low_open=True)
+        check_positive_list("scales", self.scales)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("num_workers", self.num_workers, 0)
+
+
+@dataclass(frozen=True)
 class CamCounts:
     """Images whose CAM file was written (by all processes together), and those already complete."""
 
@@ -43,24 +73,22 @@ class CamCounts:
     skipped: int
 
 
+def cam_record(variant: CamVariant, options: CamOptions, output_format: str, classifier: str, labels: str) -> dict[str, Any]:
+    """What a CAM folder's record holds as its parameters and inputs (:mod:`wsss.records`)."""
+    params = {**result_params(variant), **result_params(options), "format": output_format}
+    params.pop("labels")
+    return {"params": params, "inputs": {"classifier": classifier, "labels": labels}}
+
+
 def make_cams(
     checkpoint: str | Path,
     data_root: str | Path,
     outputs: Mapping[str | Path, CamVariant],
+    options: CamOptions = CamOptions(),
     *,
     split: str = "train_aug",
-    labels: str = "auto",
-    gamma: float = 2.0,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    view_weighting: str = "area",
-    channels_last: bool = False,
-    batch_size: int = 1,
-    num_workers: int = 2,
     overwrite: bool = False,
     output_format: str = "npz",
-    accelerator: str = "auto",
-    devices: int | str = 1,
     strategy: str = "auto",
     progress: bool = True,
 ) -> dict[Path, CamCounts]:
@@ -72,14 +100,12 @@ def make_cams(
     Grad-CAM++ baselines costs what LayerCAM alone costs, and each file is byte for byte what a run
     of that variant alone writes.
 
-    ``checkpoint``: a ``train-cls`` checkpoint. ``labels``: the image-level label source
-    (:class:`~wsss.data.voc.ImageLabels`). Each variant's layers are fused (eq. 9) after each is
-    summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
-    (:func:`wsss.cams.accumulate_multiscale`). ``channels_last``: NHWC memory format (faster
-    convolutions on CPUs and recent GPUs; the maps agree to float rounding). ``output_format``:
-    ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``).
-    ``accelerator``/``devices``/``strategy`` go to the Trainer: under DDP each image is written by
-    exactly one process, and the counts are everyone's.
+    ``checkpoint``: a ``train-cls`` checkpoint. ``options``: the label source, views and resources
+    (:class:`CamOptions`). ``output_format``: ``npz``, or ``irn`` for IRN's ``.npy`` layout (no
+    ``save_layers``). Each folder records its variant, options and inputs (:mod:`wsss.records`): a
+    folder holding files made otherwise is refused unless ``overwrite``, which replaces them.
+    ``strategy`` goes to the Trainer: under DDP each image is written by exactly one process, and
+    the counts are everyone's.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
@@ -87,15 +113,22 @@ def make_cams(
         raise ConfigError("per-layer maps (--save-layers) are stored only in the npz format; IRN's layout has no place for them")
     folders = {Path(out_dir): variant for out_dir, variant in outputs.items()}
     layout = VOCLayout(resolve_data_root(data_root))
-    image_labels = ImageLabels(layout, labels)
+    image_labels = ImageLabels(layout, options.labels)
     ids = layout.read_ids(split)
     layout.check_images(ids)
     image_labels.check(ids)
     for out_dir in folders:
         ensure_output_dir(out_dir)
+    classifier = load_classifier(checkpoint)
+    classifier_identity = f"sha256:{file_digest(checkpoint)}"
+    for out_dir, variant in folders.items():
+        claim_folder(out_dir, "cams", **cam_record(variant, options, output_format, classifier_identity, image_labels.identity()),
+                     overwrite=overwrite, existing=cam_files_in(out_dir), what="CAM files", writer=is_global_zero(),
+                     resources={k: getattr(options, k) for k in neutral_keys(CamOptions)},
+                     sources={"checkpoint": Path(checkpoint).resolve(), "data_root": layout.root, "labels": image_labels.description})
     # Variants are named after their folder in the predictor's items and the writer.
-    predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
-                             view_weighting, channels_last)
+    predictor = CamPredictor(classifier, {str(d): v for d, v in folders.items()}, options.gamma, options.scales, options.flip,
+                             options.view_weighting, options.channels_last)
     done = frozenset() if overwrite else frozenset(
         path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
     todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
@@ -109,10 +142,10 @@ def make_cams(
     # batching images sorted by (class count, size) wastes no work.
     # Header reads only; an unreadable or too large image is refused here, before any work.
     todo = sorted(todo, key=lambda i: (int(image_labels(i).sum()), image_size(layout.image_path(i))))
-    data = PredictDataModule(ImageDataset(layout, todo, eval_transform(), image_labels), batch_size, num_workers, collate_list)
+    data = PredictDataModule(ImageDataset(layout, todo, eval_transform(), image_labels), options.batch_size, options.num_workers, collate_list)
     writer = CamWriter({str(d): d for d in folders}, {str(d): v.save_layers for d, v in folders.items()}, output_format, done)
     # CAMs need gradients; predict would otherwise run under inference_mode.
-    trainer = predict_trainer(writer, accelerator, devices, strategy, progress, inference_mode=False)
+    trainer = predict_trainer(writer, options.accelerator, options.devices, strategy, progress, inference_mode=False)
     trainer.predict(predictor, datamodule=data, return_predictions=False)
     written = gather_objects(trainer, writer.written)
     return {out_dir: CamCounts(written=sum(w[str(out_dir)] for w in written), skipped=skipped[out_dir]) for out_dir in folders}
@@ -126,38 +159,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
                         help="npz (default), or irn: IRN's make_cam.py <id>.npy dict (keys, high_res) that IRN's later steps read unchanged")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
-    parser.add_argument("--labels", default="auto", help="image-level labels: auto, annotations, masks, or a cls_labels.npy")
-    parser.add_argument("--method", default="layercam", choices=METHODS)
-    parser.add_argument("--layers", type=options.names, default="stage3,stage4,stage5", help="comma-separated layers (stage1..stage5 or module names)")
-    parser.add_argument("--scaled", type=options.names, default="stage3", help="comma-separated layers that get tanh(gamma*m) scaling ('' for none)")
-    parser.add_argument("--gamma", type=float, default=2.0, help="tanh scaling factor (paper: 2)")
-    parser.add_argument("--fusion", default="max", choices=FUSIONS,
-                        help="how the layers' maps combine: max (element-wise maximum, the paper) or mean (their average)")
-    parser.add_argument("--peak-quantile", type=float, default=1.0,
-                        help="divide each layer's map by this quantile of its values instead of its maximum (1, the paper), "
-                        "clipped at 1; e.g. 0.99 (saved per-layer maps are normalised the same way)")
-    parser.add_argument("--scales", type=options.scales, default="1.0", help="comma-separated input scales; 'irn' = 1.0,0.5,1.5,2.0")
-    parser.add_argument("--flip", action="store_true", help="also use horizontally flipped inputs")
-    parser.add_argument("--view-weighting", default="area", choices=VIEW_WEIGHTINGS,
-                        help="how the views' maps are made comparable before they are summed: area (x scale^2, undoing the "
-                        "pooled map's 1/(h*w); default), max (each view divided by its maximum), none (raw sum)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format: faster convolutions on CPUs and recent GPUs "
-                        "(same maps up to float rounding)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (equal-sized images share it)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--save-layers", action="store_true", help="also store each layer's normalised map, named after the layer")
-    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
-    parser.add_argument("--devices", type=parse_devices, default="1", help="number of devices (DDP writes each image on exactly one rank)")
+    add_options(parser, CamVariant)
+    add_options(parser, CamOptions)
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist (and replace a folder made with other settings)")
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers, args.peak_quantile, args.fusion)
-    counts = make_cams(
-        args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
-        scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, channels_last=args.channels_last, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
-        output_format=args.format, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-    )[Path(args.out)]
+    variant = options_from_args(CamVariant, args)
+    counts = make_cams(args.checkpoint, args.data_root, {args.out: variant}, options_from_args(CamOptions, args), split=args.split,
+                       overwrite=args.overwrite, output_format=args.format, strategy=args.strategy)[Path(args.out)]
     if is_global_zero():
         print(f"{counts.written} CAM files written, {counts.skipped} already complete, in {time.perf_counter() - start:.1f}s -> {args.out}")
     return 0

@@ -10,6 +10,7 @@ import argparse
 import functools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ from wsss.io import write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
 from wsss.parallel import sum_in_chunks
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
+from wsss.options import OptionError, add_options, check_range, option, options_from_args
 from wsss.stages import options
 
 
 def parse_thresholds(text: str) -> list[float]:
-    """``start:stop:step`` (stop included) or ``a,b,c``; 0.3 is always added. Sorted, rounded to 1e-6."""
+    """``start:stop:step`` (stop included) or ``a,b,c`` in [0, 1]; 0.3 is always added. Sorted,
+    rounded to 1e-6. OptionError (``thresholds``) otherwise."""
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
@@ -37,10 +40,22 @@ def parse_thresholds(text: str) -> list[float]:
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--thresholds must be START:STOP:STEP (STEP > 0) or a comma list, got {text!r}") from None
-    if not values or not all(np.isfinite(values)):
-        raise ConfigError(f"--thresholds must be finite numbers, got {text!r}")
+        raise OptionError("thresholds", f"must be START:STOP:STEP (STEP > 0) or a comma list, got {text!r}") from None
+    if not values or not all(np.isfinite(values)) or min(values) < 0 or max(values) > 1:
+        raise OptionError("thresholds", f"must be numbers in [0, 1], got {text!r}")
     return sorted({round(v, 6) for v in [*values, DEFAULT_THRESHOLD]})
+
+
+@dataclass(frozen=True)
+class EvalCamsOptions:
+    """The background thresholds of a seed sweep, and the workers. Checked here."""
+
+    thresholds: str = option("0.05:0.95:0.05", "START:STOP:STEP (STOP included) or a comma list, in [0, 1]; 0.3 is always added")
+    workers: int = option(1, "worker processes", neutral=True)
+
+    def __post_init__(self):
+        parse_thresholds(self.thresholds)
+        check_range("workers", self.workers, 1)
 
 
 def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key: str | None) -> tuple[int, np.ndarray]:
@@ -117,13 +132,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
-    parser.add_argument("--thresholds", default="0.05:0.60:0.05", help="START:STOP:STEP (STOP included) or a comma list; 0.3 is always added")
     parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")
+    add_options(parser, EvalCamsOptions, skip=("workers",))
     options.add_evaluation_arguments(parser, list_help="file of ids (default: every CAM file in --cams)",
                                      json_help="also write per-threshold scores to this JSON file", workers_help="worker processes (default: all CPUs)")
     args = parser.parse_args(argv)
     options.check_evaluation_arguments(args)
-    thresholds = parse_thresholds(args.thresholds)
+    thresholds = parse_thresholds(options_from_args(EvalCamsOptions, args).thresholds)
 
     start = time.perf_counter()
     ids = options.listed_ids(args.list, args.cams, list_cam_ids, "CAM")

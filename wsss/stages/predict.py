@@ -6,7 +6,6 @@ evaluator scores these PNGs exactly as ``train-seg`` scored its validation.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +15,38 @@ from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
-from wsss.formats.label_png import missing_label_pngs
+from wsss.formats.label_png import label_pngs_in, missing_label_pngs
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.stages import options
+from wsss.options import add_options, check_positive_list, check_range, neutral_keys, option, options_from_args, result_params
+from wsss.options import scales as scales_option
+from wsss.records import claim_folder, file_digest
 from wsss.systems.checkpoints import load_segmenter
 from wsss.systems.predictors import SegmenterPredictor
 from wsss.systems.writers import LabelPNGWriter
 from wsss.trainers import gather_objects, is_global_zero, parse_devices, predict_trainer
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Test-time views and refinement of the segmenter's probabilities (these change the labels),
+    and the resources (which never do). Every value is checked here."""
+
+    scales: tuple[float, ...] = option((1.0,), "comma-separated test scales, e.g. 0.75,1,1.25", parse=scales_option)
+    flip: bool = option(False, "also average horizontally flipped passes")
+    crf: bool = option(False, f"refine with a dense CRF ({CRF_INSTALL_HINT})")
+    bf16: bool = option(False, "bf16 autocast (Trainer precision bf16-mixed); probabilities stay float32")
+    channels_last: bool = option(False, "NHWC memory format (same labels to float rounding)", neutral=True)
+    batch_size: int = option(1, "images per predict step (each is processed at its own size)", neutral=True)
+    num_workers: int = option(2, "DataLoader worker processes", neutral=True)
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, ...", neutral=True)
+    devices: int | str = option("auto", "Lightning devices: auto, 1, 4, '0,1' (several = DDP, each image on one rank)", neutral=True,
+                                parse=parse_devices)
+
+    def __post_init__(self):
+        check_positive_list("scales", self.scales)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)
@@ -39,42 +62,40 @@ def predict_segmentation(
     checkpoint: str | Path,
     data_root: str | Path,
     out_dir: str | Path,
+    options: PredictOptions = PredictOptions(),
     *,
     split: str = "val",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    crf: bool = False,
     overwrite: bool = False,
-    batch_size: int = 1,
-    num_workers: int = 2,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    bf16: bool = False,
-    channels_last: bool = False,
     progress: bool = True,
 ) -> PredictionCounts:
     """Write ``out_dir/<id>.png`` for every image of ``split`` that has none (all with ``overwrite``).
 
-    ``checkpoint``: a ``train-seg`` checkpoint. ``scales``/``flip`` average softmax probabilities,
-    ``crf`` refines them with DeepLab's dense CRF (needs pydensecrf). ``bf16``: bf16 autocast,
-    probabilities stay float32. Under DDP (``devices`` > 1) each image is done by one process.
+    ``checkpoint``: a ``train-seg`` checkpoint. ``options.scales``/``flip`` average softmax
+    probabilities, ``crf`` refines them with DeepLab's dense CRF (needs pydensecrf), ``bf16``:
+    bf16 autocast, probabilities stay float32. Under DDP (``devices`` > 1) each image is done by
+    one process. The folder records the checkpoint and options (:mod:`wsss.records`): PNGs made
+    by another checkpoint or with other options are refused unless ``overwrite``.
     """
-    if crf and not crf_available():
+    if options.crf and not crf_available():
         raise ConfigError(f"--crf: {CRF_INSTALL_HINT}")
-    options.check_at_least("--batch-size", batch_size, 1)
     model = load_segmenter(checkpoint)
     layout = VOCLayout(resolve_data_root(data_root))
     ids = layout.read_ids(split)
     out_dir = ensure_output_dir(out_dir)
-    todo = ids if overwrite or not out_dir.is_dir() else missing_label_pngs(out_dir, ids)
+    claim_folder(out_dir, "predict-seg", result_params(options), {"segmenter": f"sha256:{file_digest(checkpoint)}"}, overwrite=overwrite,
+                 existing=label_pngs_in(out_dir), what="label PNGs", writer=is_global_zero(),
+                 resources={k: getattr(options, k) for k in neutral_keys(PredictOptions)},
+                 sources={"checkpoint": Path(checkpoint).resolve(), "data_root": layout.root})
+    todo = ids if overwrite else missing_label_pngs(out_dir, ids)
     if not todo:
         return PredictionCounts(len(ids), 0, len(ids))
     layout.check_images(todo)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = PredictDataModule(ImageDataset(layout, todo, eval_transform()), batch_size, num_workers, collate_list)
+    data = PredictDataModule(ImageDataset(layout, todo, eval_transform()), options.batch_size, options.num_workers, collate_list)
     writer = LabelPNGWriter(out_dir)
-    trainer = predict_trainer(writer, accelerator, devices, progress=progress, precision="bf16-mixed" if bf16 else "32-true")
-    trainer.predict(SegmenterPredictor(model, scales, flip, crf, channels_last), datamodule=data, return_predictions=False)
+    trainer = predict_trainer(writer, options.accelerator, options.devices, progress=progress,
+                              precision="bf16-mixed" if options.bf16 else "32-true")
+    trainer.predict(SegmenterPredictor(model, options.scales, options.flip, options.crf, options.channels_last), datamodule=data,
+                    return_predictions=False)
     return PredictionCounts(len(ids), sum(gather_objects(trainer, writer.written)), len(ids) - len(todo))
 
 
@@ -85,22 +106,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--out", required=True, help="output folder for <id>.png")
     parser.add_argument("--split", default="val", help="split name under ImageSets/Segmentation, or a list file (default: val)")
-    parser.add_argument("--scales", type=options.scales, default=(1.0,), help="comma-separated test scales, e.g. 0.75,1,1.25 (default: 1.0)")
-    parser.add_argument("--flip", action="store_true", help="also average horizontally flipped passes")
-    parser.add_argument("--crf", action="store_true", help=f"refine with a dense CRF ({CRF_INSTALL_HINT})")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite PNGs that already exist (default: skip them)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per predict step (each is processed at its own size)")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-    parser.add_argument("--devices", type=parse_devices, default="auto", help="Lightning devices: auto, 1, 4, '0,1' (several = DDP, each image on one rank)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer precision bf16-mixed); probabilities stay float32")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPUs)")
+    add_options(parser, PredictOptions)
+    parser.add_argument("--overwrite", action="store_true", help="rewrite PNGs that already exist (and replace a folder made otherwise)")
     args = parser.parse_args(argv)
-    counts = predict_segmentation(
-        args.checkpoint, args.data_root, args.out, split=args.split, scales=args.scales, flip=args.flip, crf=args.crf,
-        overwrite=args.overwrite, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
-        devices=args.devices, bf16=args.bf16, channels_last=args.channels_last,
-    )
+    counts = predict_segmentation(args.checkpoint, args.data_root, args.out, options_from_args(PredictOptions, args), split=args.split,
+                                  overwrite=args.overwrite)
     if is_global_zero():
         print(f"predict-seg: {counts.images} images in '{args.split}': {counts.written} label PNGs written, "
               f"{counts.skipped} already in {args.out} (skipped)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,11 +24,12 @@ from wsss.data.voc import VOCLayout
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
-from wsss.formats.label_png import is_valid_label_png, write_label_png
+from wsss.formats.label_png import is_valid_label_png, label_pngs_in, write_label_png
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
-from wsss.stages import options
+from wsss.options import OptionError, add_options, check_range, default_workers, neutral_keys, option, options_from_args, result_params
+from wsss.records import claim_folder, folder_identity
 from wsss.systems.predictors import PassThroughPredictor
 from wsss.systems.writers import PseudoLabelWriter
 from wsss.trainers import gather_objects, is_global_zero, parse_devices, predict_trainer
@@ -74,15 +74,54 @@ class PseudoLabelJob:
 
 
 @dataclass(frozen=True)
-class PseudoLabelParams:
-    """Settings shared by every image."""
+class PseudoLabelOptions:
+    """How every image's CAMs become its label map (eq. 10 and the options beyond it), and the
+    resources. Every value is checked here."""
 
-    threshold: float = DEFAULT_THRESHOLD
-    ignore_below: float | None = None  # uncertain band [threshold, ignore_below) -> 255; None: the paper
-    crf: bool = False  # vote on the dense-CRF marginals of the scores (wsss.pseudo.crf_scores)
-    slic: dict[str, Any] = field(default_factory=dict)  # overrides of SLIC_DEFAULTS
-    key: str | None = None
-    overwrite: bool = False
+    threshold: float = option(DEFAULT_THRESHOLD, "background threshold on a superpixel's mean CAM score, in [0, 1]")
+    ignore_below: float | None = option(None, "superpixels whose best score is at least the threshold but below this are left "
+                                        "unlabelled (255), which the segmenter ignores (none: the paper's rule labels every pixel)")
+    crf: bool = option(False, f"vote on dense-CRF marginals of [threshold, CAM scores] ({CRF_INSTALL_HINT})")
+    n_segments: int | None = option(None, f"SLIC n_segments (none: {SLIC_DEFAULTS['n_segments']})")
+    compactness: float | None = option(None, f"SLIC compactness (none: {SLIC_DEFAULTS['compactness']})")
+    sigma: float | None = option(None, f"SLIC Gaussian pre-smoothing (none: {SLIC_DEFAULTS['sigma']})")
+    workers: int = option(1, "DataLoader worker processes per device process; 1 = none", neutral=True)
+    accelerator: str = option("cpu", "Lightning accelerator (the work is NumPy/scikit-image)", neutral=True)
+    devices: int | str = option(1, "Lightning devices, e.g. 2 with --strategy ddp: each image is done by exactly one process",
+                                neutral=True, parse=parse_devices)
+
+    def __post_init__(self):
+        check_range("threshold", self.threshold, 0, 1)
+        self.check_band(self.band_floor())
+        if self.crf and self.ignore_below is not None:
+            raise OptionError("crf", "cannot be combined with ignore_below (the band is on the constant threshold the CRF replaces)")
+        check_range("n_segments", self.n_segments, 1)
+        check_range("compactness", self.compactness, 0, low_open=True)
+        check_range("sigma", self.sigma, 0)
+        check_range("workers", self.workers, 1)
+
+    def band_floor(self) -> float:
+        """What ``ignore_below`` must lie above."""
+        return self.threshold
+
+    def check_band(self, threshold: float) -> None:
+        """OptionError unless the uncertain band [``threshold``, ``ignore_below``) is one."""
+        if self.ignore_below is not None:
+            check_range("ignore_below", self.ignore_below, 0, 1)
+            if self.ignore_below <= threshold:
+                raise OptionError("ignore_below", f"must be above the threshold ({threshold:g}), got {self.ignore_below:g}")
+
+    @property
+    def slic(self) -> dict[str, Any]:
+        """Every SLIC setting, defaults filled in."""
+        given = {"n_segments": self.n_segments, "compactness": self.compactness, "sigma": self.sigma}
+        return {**SLIC_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+
+
+def pseudo_label_params(options: PseudoLabelOptions, key: str | None) -> dict[str, Any]:
+    """A pseudo-label folder's recorded parameters: the options that change labels, SLIC resolved."""
+    params = {k: v for k, v in result_params(options).items() if k not in ("n_segments", "compactness", "sigma")}
+    return {**params, "slic": options.slic, "key": key}
 
 
 @dataclass
@@ -122,20 +161,20 @@ class PseudoLabelDataset(Dataset):
     Input errors (DataError) become ``failed`` items, so one bad file does not stop the run.
     """
 
-    def __init__(self, jobs: Sequence[PseudoLabelJob], params: PseudoLabelParams):
-        self.jobs, self.params = list(jobs), params
+    def __init__(self, jobs: Sequence[PseudoLabelJob], options: PseudoLabelOptions, key: str | None = None, overwrite: bool = False):
+        self.jobs, self.options, self.key, self.overwrite = list(jobs), options, key, overwrite
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        job, params = self.jobs[index], self.params
+        job, options = self.jobs[index], self.options
         item: dict[str, Any] = {"id": job.image_id, "status": "skipped", "label_map": None, "message": ""}
         try:
-            if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
+            if not self.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
                 return item
-            item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, params.ignore_below,
-                                                   params.crf, **params.slic)
+            item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, options.threshold, self.key, options.ignore_below,
+                                                   options.crf, **options.slic)
             item["status"] = "labelled"
         except DataError as exc:
             item.update(status="failed", message=str(exc))
@@ -148,25 +187,26 @@ def make_pseudo_labels(
     out_dir: str | Path,
     *,
     split: str = "train_aug",
-    params: PseudoLabelParams = PseudoLabelParams(),
-    workers: int = 1,
+    options: PseudoLabelOptions = PseudoLabelOptions(),
+    key: str | None = None,
+    overwrite: bool = False,
     skip_missing: bool = False,
     progress: bool = True,
-    accelerator: str = "cpu",
-    devices: int | str = 1,
     strategy: str = "auto",
 ) -> PseudoLabelSummary:
-    """Write ``out_dir/<id>.png`` for every image of ``split`` from its CAM file in ``cam_dir``.
+    """Write ``out_dir/<id>.png`` for every image of ``split`` from its CAM file in ``cam_dir``
+    (``key``: the array of the CAM file to use; default its fused maps).
 
     Validates up front that every listed id has a CAM file (all missing ids reported in one
-    DataError unless ``skip_missing``). Existing valid PNGs are kept unless ``params.overwrite``.
-    Per-image input errors do not stop the run; they are collected in the summary (the caller
-    decides whether that is fatal: :meth:`PseudoLabelSummary.raise_for_failures`). ``workers``
-    DataLoader worker processes per process (none when 1); ``accelerator``/``devices``/``strategy``
-    go to the Trainer, and under DDP each image is done by exactly one process and the summary
-    holds the totals of all of them.
+    DataError unless ``skip_missing``). The folder records the options and the CAM folder it was
+    made from (:mod:`wsss.records`): existing valid PNGs are kept when both are the same, a folder
+    made otherwise is refused unless ``overwrite`` (which redoes every PNG). Per-image input
+    errors do not stop the run; they are collected in the summary (the caller decides whether that
+    is fatal: :meth:`PseudoLabelSummary.raise_for_failures`). ``options.workers`` DataLoader
+    worker processes per process (none when 1); under DDP (``options.devices``, ``strategy``) each
+    image is done by exactly one process and the summary holds the totals of all of them.
     """
-    if params.crf and not crf_available():
+    if options.crf and not crf_available():
         raise ConfigError(f"pseudo-labels with a dense CRF: {CRF_INSTALL_HINT}")
     start = time.perf_counter()
     layout = VOCLayout(resolve_data_root(data_root))
@@ -179,14 +219,20 @@ def make_pseudo_labels(
             f"{len(missing)} of {len(ids)} listed ids have no CAM file (<id>.npz or <id>.npy) in {cam_dir}: "
             f"{name_some(missing)} (pass --skip-missing to leave them out)"
         )
+    claim_folder(out_dir, "pseudo-labels", pseudo_label_params(options, key), {"cams": folder_identity(cam_dir)}, overwrite=overwrite,
+                 existing=label_pngs_in(out_dir), what="label PNGs", writer=is_global_zero(),
+                 resources={k: getattr(options, k) for k in neutral_keys(PseudoLabelOptions)},
+                 sources={"cams": Path(cam_dir).resolve(), "data_root": layout.root})
     jobs = [PseudoLabelJob(i, layout.image_path(i), cam_files[i], out_dir / f"{i}.png") for i in ids if i in cam_files]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = PseudoLabelSummary(skipped_missing=missing)
     if jobs:
-        log.info("%d images from %s; SLIC %s; threshold %g; %d workers", len(jobs), split, {**SLIC_DEFAULTS, **params.slic}, params.threshold, workers)
+        workers = options.workers
+        log.info("%d images from %s; SLIC %s; threshold %g; %d workers", len(jobs), split, options.slic, options.threshold, workers)
         writer = PseudoLabelWriter(out_dir)
-        trainer = predict_trainer(writer, accelerator, devices, strategy, progress)
-        data = PredictDataModule(PseudoLabelDataset(jobs, params), batch_size=1, num_workers=workers if workers > 1 else 0, collate_fn=list)
+        trainer = predict_trainer(writer, options.accelerator, options.devices, strategy, progress)
+        data = PredictDataModule(PseudoLabelDataset(jobs, options, key, overwrite), batch_size=1, num_workers=workers if workers > 1 else 0,
+                                 collate_fn=list)
         trainer.predict(PassThroughPredictor(), datamodule=data, return_predictions=False)
         per_process = gather_objects(trainer, (writer.written, writer.skipped, writer.failed))
         failed = {image_id: message for _, _, process_failed in per_process for image_id, message in process_failed.items()}
@@ -203,41 +249,22 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="wsss pseudo-labels",
         description="Images + CAM files -> OUT/<id>.png VOC-palette pseudo-labels (SLIC superpixel voting, "
-        "LayerCAM eq. 10). Resumable: existing valid PNGs are kept unless --overwrite.",
+        "LayerCAM eq. 10). Resumable: existing valid PNGs made with the same settings are kept unless --overwrite.",
     )
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <id>.png")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
-    parser.add_argument("--threshold", type=options.finite, default=DEFAULT_THRESHOLD, help="background threshold on a superpixel's mean CAM score (default: 0.3)")
-    parser.add_argument("--ignore-below", type=options.finite, default=None,
-                        help="superpixels whose best score is at least --threshold but below this are left unlabelled (255), "
-                        "which the segmenter ignores (default: none, the paper's rule labels every pixel)")
-    parser.add_argument("--crf", action="store_true", help=f"vote on dense-CRF marginals of [threshold, CAM scores] ({CRF_INSTALL_HINT})")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes per device process; 1 = none (default: all CPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs")
-    parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
     parser.add_argument("--key", default=None, help="array of the CAM file to use (default: cams / IRN high_res), e.g. a per-layer map")
-    parser.add_argument("--n-segments", type=int, default=None, help=f"SLIC n_segments (default {SLIC_DEFAULTS['n_segments']})")
-    parser.add_argument("--compactness", type=options.finite, default=None, help=f"SLIC compactness (default {SLIC_DEFAULTS['compactness']})")
-    parser.add_argument("--sigma", type=options.finite, default=None, help=f"SLIC Gaussian pre-smoothing (default {SLIC_DEFAULTS['sigma']})")
-    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: cpu; the work is NumPy/scikit-image)")
-    parser.add_argument("--devices", type=parse_devices, default="1", help="Lightning devices, e.g. 2 with --strategy ddp: each image is done by exactly one process")
+    add_options(parser, PseudoLabelOptions)
+    parser.set_defaults(workers=default_workers())  # a command of its own may use every CPU
+    parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs (and replace a folder made with other settings)")
+    parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     args = parser.parse_args(argv)
-    options.check_at_least("--workers", args.workers, 1)
-    options.check_at_least("--n-segments", args.n_segments, 1)
-    options.check_at_least("--compactness", args.compactness, 0, strict=True)
-    options.check_at_least("--sigma", args.sigma, 0)
-    slic = {k: v for k, v in (("n_segments", args.n_segments), ("compactness", args.compactness), ("sigma", args.sigma)) if v is not None}
-    if args.ignore_below is not None and args.ignore_below <= args.threshold:
-        raise ConfigError(f"--ignore-below {args.ignore_below:g} must be above --threshold {args.threshold:g}")
-    if args.crf and args.ignore_below is not None:
-        raise ConfigError("--crf and --ignore-below cannot be combined (the band is on the constant threshold the CRF replaces)")
-    params = PseudoLabelParams(threshold=args.threshold, ignore_below=args.ignore_below, crf=args.crf, slic=slic, key=args.key,
-                               overwrite=args.overwrite)
-    summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, params=params, workers=args.workers,
-                                 skip_missing=args.skip_missing, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
+    options = options_from_args(PseudoLabelOptions, args)
+    summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, options=options, key=args.key,
+                                 overwrite=args.overwrite, skip_missing=args.skip_missing, strategy=args.strategy)
     if not is_global_zero():  # the summary holds every process's totals; one process reports them
         return 0
     print(f"pseudo-labels -> {args.out}: {summary.line()}")

@@ -19,11 +19,9 @@ from wsss.formats.torch_files import read_checkpoint
 from wsss.io import atomic_path
 from wsss.models.classifier import CAMClassifier
 from wsss.models.deeplab import DeepLabLargeFOV
-
-
-class CheckpointMismatch(WeightsError):
-    """A checkpoint of another stage (or another width): raised by a system's ``on_load_checkpoint``,
-    whose caller adds which file or option it was."""
+from wsss.systems.classifier import ClassifierSystem
+from wsss.systems.segmenter import SegmenterSystem
+from wsss.systems.state_dicts import CheckpointMismatch
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -78,16 +76,12 @@ def load_system(system_class: type[pl.LightningModule], path: str | Path, **over
 def load_classifier(path: str | Path) -> CAMClassifier:
     """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode, in the
     default memory format (``cams --channels-last`` chooses its own)."""
-    from wsss.systems.classifier import ClassifierSystem
-
     return load_system(ClassifierSystem, path, channels_last=False).model
 
 
 def load_segmenter(path: str | Path) -> DeepLabLargeFOV:
     """The trained :class:`DeepLabLargeFOV` of a ``train-seg`` checkpoint, in eval mode, in the
     default memory format (``predict-seg --channels-last`` chooses its own)."""
-    from wsss.systems.segmenter import SegmenterSystem
-
     return load_system(SegmenterSystem, path, channels_last=False).model
 
 
@@ -99,23 +93,3 @@ def checkpoint_score(path: str | Path) -> float | None:
     return None
 
 
-def check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str, command: str, other_prefix: str, other: str) -> None:
-    """CheckpointMismatch unless ``state`` has exactly the keys and shapes of ``expected`` (a system's own
-    state dict): another stage's checkpoint is named as such, not answered with a wall of keys.
-
-    ``other_prefix`` is a key prefix only the other stage's checkpoints have, ``other`` its name.
-    """
-    if not isinstance(state, dict) or not state:
-        raise CheckpointMismatch(f"not a Lightning checkpoint of a {what} (no 'state_dict' entry)")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        looks_like = f" (it looks like a {other} checkpoint)" if any(k.startswith(other_prefix) for k in state) else ""
-        raise CheckpointMismatch(
-            f"not a {what} checkpoint{looks_like}: {len(missing)} keys missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); give a checkpoint written by `{command}`"
-        )
-    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        key = wrong[0]
-        raise CheckpointMismatch(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)} (a different width or class count?)")

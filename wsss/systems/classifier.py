@@ -13,7 +13,7 @@ from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1
 
 from wsss.classes import NUM_CLASSES
 from wsss.models.classifier import CAMClassifier
-from wsss.systems.checkpoints import check_state_dict
+from wsss.systems.state_dicts import check_state_dict
 from wsss.systems.schedules import per_step_schedule, schedule_factor
 
 

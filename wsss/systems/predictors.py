@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
+from wsss.cams import FUSIONS, METHODS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
+from wsss.options import OptionError, check_choices, check_range, option
 from wsss.crf import dense_crf
 from wsss.segmentation import denormalize, image_probabilities
 
@@ -24,14 +25,24 @@ class CamVariant:
     """One CAM output of a pass: ``method`` at ``layers``, fused by eq. 9 with ``scaled_layers``
     tanh-scaled; ``save_layers`` keeps each layer's normalised map in its file too. ``peak_quantile``
     and ``fusion``: what each layer's map is divided by and how layers combine
-    (:func:`wsss.cams.fuse_cams`; the defaults are the paper's)."""
+    (:func:`wsss.cams.fuse_cams`; the defaults are the paper's). Every value is checked here."""
 
-    method: str = "layercam"
-    layers: tuple[str, ...] = ("stage3", "stage4", "stage5")
-    scaled_layers: tuple[str, ...] = ("stage3",)
-    save_layers: bool = False
-    peak_quantile: float = 1.0
-    fusion: str = "max"
+    method: str = option("layercam", "CAM method", choices=METHODS)
+    layers: tuple[str, ...] = option(("stage3", "stage4", "stage5"), "comma-separated layers (stage1..stage5 or module names)")
+    scaled_layers: tuple[str, ...] = option(("stage3",), "comma-separated layers that get tanh(gamma*m) scaling ('' for none)", key="scaled")
+    save_layers: bool = option(False, "also store each layer's normalised map, named after the layer")
+    peak_quantile: float = option(1.0, "divide each layer's map by this quantile of its values instead of its maximum (1, the paper), "
+                                  "clipped at 1; e.g. 0.99 (saved per-layer maps are normalised the same way)")
+    fusion: str = option("max", "how the layers' maps combine: max (element-wise maximum, the paper) or mean (their average)", choices=FUSIONS)
+
+    def __post_init__(self):
+        check_choices(self)
+        if not self.layers:
+            raise OptionError("layers", "must name at least one layer")
+        unknown = sorted(set(self.scaled_layers) - set(self.layers))
+        if unknown:
+            raise OptionError("scaled_layers", f"{unknown} are not among the CAM layers {list(self.layers)}")
+        check_range("peak_quantile", self.peak_quantile, 0, 1, low_open=True)
 
 
 class CamPredictor(pl.LightningModule):
@@ -53,20 +64,11 @@ class CamPredictor(pl.LightningModule):
         super().__init__()
         if not variants:
             raise ConfigError("no CAM variants requested")
-        for variant in variants.values():
-            if variant.method not in METHODS:
-                raise ConfigError(f"unknown CAM method {variant.method!r}; choose one of {', '.join(METHODS)}")
+        for variant in variants.values():  # the variants checked their own values
             try:
                 resolve_layers(classifier, variant.layers)  # fail now, with the valid names, not mid-run
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-            unknown = sorted(set(variant.scaled_layers) - set(variant.layers))
-            if unknown:
-                raise ConfigError(f"scaled layers {unknown} are not among the CAM layers {list(variant.layers)}")
-            if variant.fusion not in FUSIONS:
-                raise ConfigError(f"unknown CAM fusion {variant.fusion!r}; choose one of {', '.join(FUSIONS)}")
-            if not 0 < variant.peak_quantile <= 1:
-                raise ConfigError(f"the peak quantile must be in (0, 1], got {variant.peak_quantile!r}")
         self.classifier = classifier.eval()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -80,8 +82,6 @@ class CamPredictor(pl.LightningModule):
             layers = self.requests.setdefault(variant.method, [])
             layers += [layer for layer in variant.layers if layer not in layers]
         self.views = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
-        if view_weighting not in VIEW_WEIGHTINGS:
-            raise ConfigError(f"unknown view weighting {view_weighting!r}; choose one of {', '.join(VIEW_WEIGHTINGS)}")
         self.view_weighting = view_weighting
 
     def _view_maps(self, images: list[torch.Tensor], class_ids: list[list[int]], scale: float, flipped: bool) -> list[dict]:

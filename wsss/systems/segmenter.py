@@ -13,7 +13,7 @@ from wsss.classes import IGNORE_INDEX, NUM_LABELS
 from wsss.metrics import SegmentationMetric
 from wsss.models.deeplab import DeepLabLargeFOV
 from wsss.segmentation import image_probabilities, nearest_labels
-from wsss.systems.checkpoints import check_state_dict
+from wsss.systems.state_dicts import check_state_dict
 from wsss.systems.schedules import held_until, per_step_schedule, schedule_factor
 
 log = logging.getLogger(__name__)
