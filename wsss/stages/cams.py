@@ -1,5 +1,9 @@
 """Stage 2: class activation maps for every image's image-level classes (``wsss cams``).
 
+The classifier: a ``train-cls`` checkpoint (``--checkpoint``), or any torchvision classifier with
+the user's weights (``--model torchvision:NAME --weights FILE``, a state dict of a 20-output head
+whose output k is VOC class k + 1; the CAM layers are its module names).
+
 One CAM file per image (:mod:`wsss.formats.cams`): ``OUT/<id>.npz`` with ``classes`` (int64 label
 values 1..20) and ``cams`` (float16, (K, H, W) at the original image size, fused, in [0, 1]); with
 ``save_layers`` also one normalised, upsampled (K, H, W) float16 map per layer, stored under the
@@ -15,7 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS
+from wsss.classes import CLASS_NAMES, NUM_CLASSES
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
@@ -26,7 +33,7 @@ from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_path, is_complete
 from wsss.formats.images import image_size
 from wsss.io import ensure_output_dir
 from wsss.stages import options
-from wsss.systems.checkpoints import load_classifier
+from wsss.systems.checkpoints import load_classifier, load_torchvision_classifier
 from wsss.systems.predictors import CamPredictor, CamVariant
 from wsss.systems.writers import CamWriter
 from wsss.trainers import gather_objects, is_global_zero, parse_devices, predict_trainer
@@ -44,7 +51,7 @@ class CamCounts:
 
 
 def make_cams(
-    checkpoint: str | Path,
+    classifier: str | Path | nn.Module,
     data_root: str | Path,
     outputs: Mapping[str | Path, CamVariant],
     *,
@@ -72,7 +79,9 @@ def make_cams(
     Grad-CAM++ baselines costs what LayerCAM alone costs, and each file is byte for byte what a run
     of that variant alone writes.
 
-    ``checkpoint``: a ``train-cls`` checkpoint. ``labels``: the image-level label source
+    ``classifier``: a ``train-cls`` checkpoint, or a classifier module (e.g. from
+    :func:`~wsss.systems.checkpoints.load_torchvision_classifier`) with 20 outputs, output k being
+    VOC class k (label value k + 1) as for ours. ``labels``: the image-level label source
     (:class:`~wsss.data.voc.ImageLabels`). Each variant's layers are fused (eq. 9) after each is
     summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
     (:func:`wsss.cams.accumulate_multiscale`). ``channels_last``: NHWC memory format (faster
@@ -94,7 +103,8 @@ def make_cams(
     for out_dir in folders:
         ensure_output_dir(out_dir)
     # Variants are named after their folder in the predictor's items and the writer.
-    predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
+    model = classifier if isinstance(classifier, nn.Module) else load_classifier(classifier)
+    predictor = CamPredictor(model, {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
                              view_weighting, channels_last)
     done = frozenset() if overwrite else frozenset(
         path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
@@ -120,7 +130,12 @@ def make_cams(
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss cams", description="Stage 2: CAMs of every image's image-level classes, fused across layers.")
-    parser.add_argument("--checkpoint", required=True, help="classifier checkpoint from `wsss train-cls`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="classifier checkpoint from `wsss train-cls`")
+    source.add_argument("--model", help="torchvision:NAME (e.g. torchvision:resnet50), a torchvision classifier with --weights; "
+                        "--layers are then its module names (e.g. layer3,layer4)")
+    parser.add_argument("--weights", help="with --model: a state-dict file of that model with a 20-output head, output k "
+                        "being VOC class k+1 (0 aeroplane ... 19 tvmonitor); torch.save(model.state_dict(), FILE)")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn)")
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
@@ -128,8 +143,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--labels", default="auto", help="image-level labels: auto, annotations, masks, or a cls_labels.npy")
     parser.add_argument("--method", default="layercam", choices=METHODS)
-    parser.add_argument("--layers", type=options.names, default="stage3,stage4,stage5", help="comma-separated layers (stage1..stage5 or module names)")
-    parser.add_argument("--scaled", type=options.names, default="stage3", help="comma-separated layers that get tanh(gamma*m) scaling ('' for none)")
+    parser.add_argument("--layers", type=options.names, help="comma-separated layers (stage1..stage5 or module names; "
+                        "default: stage3,stage4,stage5; with --model: required, module names)")
+    parser.add_argument("--scaled", type=options.names, help="comma-separated layers that get tanh(gamma*m) scaling ('' for none; "
+                        "default: stage3, none with --model)")
     parser.add_argument("--gamma", type=float, default=2.0, help="tanh scaling factor (paper: 2)")
     parser.add_argument("--fusion", default="max", choices=FUSIONS,
                         help="how the layers' maps combine: max (element-wise maximum, the paper) or mean (their average)")
@@ -152,9 +169,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    variant = CamVariant(args.method, tuple(args.layers), tuple(args.scaled), args.save_layers, args.peak_quantile, args.fusion)
+    if args.model is None:
+        if args.weights is not None:
+            raise ConfigError("--weights goes with --model torchvision:NAME; a train-cls checkpoint is given by --checkpoint alone")
+        classifier: str | nn.Module = args.checkpoint
+        layers = ("stage3", "stage4", "stage5") if args.layers is None else args.layers
+        scaled = ("stage3",) if args.scaled is None else args.scaled
+    else:
+        if args.weights is None:
+            raise ConfigError(f"--model {args.model} needs --weights FILE, a state dict of that model (random weights explain nothing)")
+        if not args.layers:
+            raise ConfigError(f"--model {args.model} needs --layers: module names of the model, e.g. layer3,layer4 for a ResNet")
+        classifier = load_torchvision_classifier(
+            args.model, args.weights, NUM_CLASSES,
+            why=f"output k is explained as VOC class k+1 ({CLASS_NAMES[0]} = 0 ... {CLASS_NAMES[-1]} = {NUM_CLASSES - 1}), so "
+            "the head must be one fine-tuned on VOC's 20 image-level labels in that order")
+        layers, scaled = args.layers, args.scaled or ()
+    variant = CamVariant(args.method, tuple(layers), tuple(scaled), args.save_layers, args.peak_quantile, args.fusion)
     counts = make_cams(
-        args.checkpoint, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
+        classifier, args.data_root, {args.out: variant}, split=args.split, labels=args.labels, gamma=args.gamma,
         scales=args.scales, flip=args.flip, view_weighting=args.view_weighting, channels_last=args.channels_last, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
         output_format=args.format, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
     )[Path(args.out)]

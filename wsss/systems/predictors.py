@@ -93,7 +93,10 @@ class CamPredictor(pl.LightningModule):
         for members in groups.values():
             batch = view_of(torch.stack([images[i] for i in members]), scale, flipped, self.min_view_side)
             batch = batch.contiguous(memory_format=self.memory_format)
-            maps = compute_cam_sets(self.classifier, batch, [class_ids[i] for i in members], self.requests)
+            try:
+                maps = compute_cam_sets(self.classifier, batch, [class_ids[i] for i in members], self.requests)
+            except ValueError as exc:  # a layer that cannot be explained (run twice, not (N, C, h, w), ...): the user's to fix
+                raise ConfigError(str(exc)) from None
             for position, index in enumerate(members):
                 out[index] = {method: {layer: layer_maps[position] for layer, layer_maps in by_layer.items()} for method, by_layer in maps.items()}
         return out
