@@ -271,9 +271,12 @@ def test_targets_forms_and_target_layers_as_modules_or_names():
     assert lists.classes == ints.classes == [[3], [1]]
     for a, b in zip(lists.fused, ints.fused):
         assert torch.equal(a, b)
-    top = by_name(images)  # pytorch-grad-cam's targets=None: each image's highest-scoring class
+    # pytorch-grad-cam's targets=None: each image's highest-scoring class (one of them made class 3 here)
     with torch.no_grad():
-        assert top.classes == [[int(c)] for c in model(images).argmax(dim=1)]
+        model.fc.bias[3] += (model(images[:1])[0].max() - model(images[:1])[0, 3]) + 1
+        expected = [[int(c)] for c in model(images).argmax(dim=1)]
+    assert expected[0] == [3]
+    assert by_name(images).classes == expected
     empty = by_name(images, [[], [2, 0]])
     assert empty.fused[0].shape == (0, 64, 64) and empty.fused[1].shape == (2, 64, 64)
     with pytest.raises(ValueError, match="not a submodule"):
