@@ -309,4 +309,8 @@ def test_cams_of_a_torchvision_classifier_through_the_cli(toy_root, tmp_path, ca
     other = [arg.replace("torchvision:resnet18", "torchvision:resnet34") for arg in common]
     assert cli(["cams", *other, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
     assert "not the weights of torchvision's resnet34" in capsys.readouterr().err
+    torch.save(torchvision.models.vit_b_32(weights=None, num_classes=20).state_dict(), tmp_path / "vit.pt")
+    vit = [arg.replace("torchvision:resnet18", "torchvision:vit_b_32") for arg in common]
+    assert cli(["cams", *vit, "--weights", str(tmp_path / "vit.pt"), "--out", str(tmp_path / "o"), "--layers", "encoder.ln"]) == 2
+    assert "224x224" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.npz"))

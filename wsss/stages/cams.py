@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+from torchvision.models import VisionTransformer
 
 from wsss.cams import FUSIONS, METHODS, VIEW_WEIGHTINGS
 from wsss.classes import CLASS_NAMES, NUM_CLASSES
@@ -184,6 +185,9 @@ def main(argv: list[str]) -> int:
             args.model, args.weights, NUM_CLASSES,
             why=f"output k is explained as VOC class k+1 ({CLASS_NAMES[0]} = 0 ... {CLASS_NAMES[-1]} = {NUM_CLASSES - 1}), so "
             "the head must be one fine-tuned on VOC's 20 image-level labels in that order")
+        if isinstance(classifier, VisionTransformer):  # its asserted input size would fail on the first image
+            raise ConfigError(f"{args.model} takes only {classifier.image_size}x{classifier.image_size} images and outputs tokens: "
+                              "use the Python API (wsss.cams.LayerCAM with reshape_transform=wsss.cams.tokens_to_nchw)")
         layers, scaled = args.layers, args.scaled or ()
     variant = CamVariant(args.method, tuple(layers), tuple(scaled), args.save_layers, args.peak_quantile, args.fusion)
     counts = make_cams(
