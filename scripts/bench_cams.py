@@ -1,7 +1,11 @@
 """Benchmark LayerCAM map extraction: wsss.cams vs pytorch-grad-cam vs torchcam vs a lower bound.
 
-Workload: a CAMClassifier (VGG16, random weights) on VOC-sized random images, each with 1-3 random
-classes; LayerCAM maps at stage3, stage4 and stage5 for every class of every image.
+Workloads (--workloads, several in one run; random weights, random images, each with 1-3 random
+classes; LayerCAM maps at three layers for every class of every image):
+  vgg16          our CAMClassifier (VGG16) at --height x --width (default 375x500), stages 3-5
+  resnet50-224   torchvision's ResNet-50 (20 outputs) at 224x224, blocks layer2, layer3, layer4
+  resnet50-voc   the same at VOC size, 375x500
+  all            the three
 
 Timing: all contenders run in one process, interleaved batch by batch (each with its own copy of
 the model), so load from other processes on a shared machine hits them alike; with --repeats the
@@ -12,7 +16,7 @@ Contenders:
             count, one forward per group, then one backward per class slot of the group,
             gradients w.r.t. the hooked activations only.
   ours3     wsss.cams.compute_cam_sets: what the CAM stage of `wsss run` computes, LayerCAM at
-            stages 3-5 plus Grad-CAM and Grad-CAM++ at stage 5, from the same passes.
+            the three layers plus Grad-CAM and Grad-CAM++ at the deepest, from the same passes.
   gradcam   pytorch_grad_cam.LayerCAM with all three target layers in one instance, used as its
             documented API: per batch and class slot k, one call on the images that have a k-th
             class, with one ClassifierOutputTarget each. Each call runs a forward and a full
@@ -22,15 +26,17 @@ Contenders:
   torchcam  torchcam.methods.LayerCAM with all three layers: one forward per batch, then per
             class slot one extractor call (retain_graph) with a class per image (images without a
             k-th class get a dummy class whose map is discarded); normalized=False.
-  limit     per image: stages 1-3 under no_grad, grad enabled from the stage3 output on, then per
-            class one autograd.grad of that class score w.r.t. the stage3 output (parameters
-            frozen). No maps are computed: this is a lower bound on the time of any method.
+  limit     per image: the model up to the shallowest layer (stage3, layer2) under no_grad, grad
+            enabled from its output on, then per class one autograd.grad of that class score
+            w.r.t. that output (parameters frozen). No maps are computed: this is a lower bound
+            on the time of any method.
 
 Peak memory: one fresh subprocess per method runs the first batch; CPU: growth of ru_maxrss over
 the state after building the model and the images; GPU: torch.cuda.max_memory_allocated over the
 allocation at that point.
 
 Example: python scripts/bench_cams.py --images 8 --batch-size 4
+         python scripts/bench_cams.py --workloads resnet50-224 resnet50-voc --methods ours gradcam torchcam
 """
 from __future__ import annotations
 
@@ -50,6 +56,9 @@ import torch
 
 METHODS = ("ours", "ours3", "gradcam", "torchcam", "limit")
 STAGES = ("stage3", "stage4", "stage5")
+RESNET_BLOCKS = ("layer2", "layer3", "layer4")
+WORKLOADS = ("vgg16", "resnet50-224", "resnet50-voc")
+RESNET_SIZES = {"resnet50-224": (224, 224), "resnet50-voc": (375, 500)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=8, help="images timed per method")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--height", type=int, default=375)
-    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--workloads", nargs="+", default=["vgg16"], choices=[*WORKLOADS, "all"],
+                        help="models and image sizes, run one after the other (default: vgg16)")
+    parser.add_argument("--height", type=int, default=375, help="image height of the vgg16 workload")
+    parser.add_argument("--width", type=int, default=500, help="image width of the vgg16 workload")
     parser.add_argument("--width-mult", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG16)")
     parser.add_argument("--classes", default=None, help="classes per image, comma-separated and cycled (e.g. 2,1,3,2); "
                         "default: 1-3 at random")
@@ -73,17 +84,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if "all" in args.workloads:
+        args.workloads = list(WORKLOADS)
+    return args
 
 
-def make_workload(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, list[list[int]]]:
-    from wsss.models.classifier import CAMClassifier
+def layers_of(workload: str) -> tuple[str, ...]:
+    """Module names of the three hooked layers, shallowest first."""
+    if workload == "vgg16":
+        from wsss.models.vgg import stage_indices
 
+        return tuple(f"features.{stage_indices(False)[s]}" for s in STAGES)
+    return RESNET_BLOCKS
+
+
+def image_size(args: argparse.Namespace, workload: str) -> tuple[int, int]:
+    return RESNET_SIZES.get(workload, (args.height, args.width))
+
+
+def make_workload(args: argparse.Namespace, workload: str) -> tuple[torch.nn.Module, torch.Tensor, list[list[int]]]:
     torch.manual_seed(args.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the loud "random weights" warning; random is the point here
-        model = CAMClassifier(weights="none", width=args.width_mult).to(args.device).eval()
-    images = torch.randn(args.images, 3, args.height, args.width, device=args.device)
+    if workload == "vgg16":
+        from wsss.models.classifier import CAMClassifier
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loud "random weights" warning; random is the point here
+            model = CAMClassifier(weights="none", width=args.width_mult)
+    else:
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None, num_classes=20)
+    model = model.to(args.device).eval()
+    images = torch.randn(args.images, 3, *image_size(args, workload), device=args.device)
     if args.channels_last:
         model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
     rng = random.Random(args.seed)
@@ -100,24 +133,24 @@ def batches(images: torch.Tensor, classes: list[list[int]], size: int):
         yield images[start:start + size], classes[start:start + size]
 
 
-def run_ours(model, images, classes):
+def make_ours(layers):
     from wsss.cams import compute_cams
 
-    return compute_cams(model, images, classes, STAGES, method="layercam")
+    return lambda model, images, classes: compute_cams(model, images, classes, layers, method="layercam")
 
 
-def run_ours3(model, images, classes):
+def make_ours3(layers):
     from wsss.cams import compute_cam_sets
 
-    return compute_cam_sets(model, images, classes, {"layercam": STAGES, "gradcam": ["stage5"], "gradcam++": ["stage5"]})
+    requests = {"layercam": layers, "gradcam": [layers[-1]], "gradcam++": [layers[-1]]}
+    return lambda model, images, classes: compute_cam_sets(model, images, classes, requests)
 
 
-def make_gradcam(model):
+def make_gradcam(model, layers):
     from pytorch_grad_cam import LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layers = [model.get_submodule(model.layer_aliases[s]) for s in STAGES]
-    extractor = LayerCAM(model=model, target_layers=layers)
+    extractor = LayerCAM(model=model, target_layers=[model.get_submodule(layer) for layer in layers])
 
     def run(model, images, classes):
         outputs = []
@@ -130,10 +163,10 @@ def make_gradcam(model):
     return run
 
 
-def make_torchcam(model):
+def make_torchcam(model, layers):
     from torchcam.methods import LayerCAM
 
-    extractor = LayerCAM(model, target_layer=[model.layer_aliases[s] for s in STAGES])
+    extractor = LayerCAM(model, target_layer=list(layers))
 
     def run(model, images, classes):
         scores = model(images)
@@ -147,16 +180,29 @@ def make_torchcam(model):
     return run
 
 
-def run_limit(model, images, classes):
-    split = int(model.layer_aliases["stage3"].split(".")[1]) + 1
-    before, after = model.features[:split], model.features[split:]
-    for image, ids in zip(images, classes):
-        with torch.no_grad():
-            stage3 = before(image[None])
-        stage3.requires_grad_()
-        logits = model.classifier(model.head(after(stage3)).mean(dim=(2, 3)))
-        for i, c in enumerate(ids):
-            torch.autograd.grad(logits[0, c], stage3, retain_graph=i < len(ids) - 1)
+def split_at_shallowest(model: torch.nn.Module, workload: str):
+    """(before, after): the model up to and including its shallowest hooked layer, and the rest to the logits."""
+    if workload == "vgg16":
+        split = int(model.layer_aliases["stage3"].split(".")[1]) + 1
+        before, trunk = model.features[:split], model.features[split:]
+        return before, lambda x: model.classifier(model.head(trunk(x)).mean(dim=(2, 3)))
+    before = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2)
+    return before, lambda x: model.fc(torch.flatten(model.avgpool(model.layer4(model.layer3(x))), 1))
+
+
+def make_limit(model, workload):
+    before, after = split_at_shallowest(model, workload)
+
+    def run(model, images, classes):
+        for image, ids in zip(images, classes):
+            with torch.no_grad():
+                shallowest = before(image[None])
+            shallowest.requires_grad_()
+            logits = after(shallowest)
+            for i, c in enumerate(ids):
+                torch.autograd.grad(logits[0, c], shallowest, retain_graph=i < len(ids) - 1)
+
+    return run
 
 
 def sync(device: str) -> None:
@@ -164,24 +210,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_runner(method: str, model: torch.nn.Module):
+def make_runner(method: str, model: torch.nn.Module, workload: str):
     """The function running ``method`` on one batch (the limit goes through its images one by one)."""
+    layers = layers_of(workload)
     if method == "gradcam":
-        return make_gradcam(model)
+        return make_gradcam(model, layers)
     if method == "torchcam":
-        return make_torchcam(model)
+        return make_torchcam(model, layers)
     if method == "limit":
         model.requires_grad_(False)
-        return run_limit
-    return run_ours3 if method == "ours3" else run_ours
+        return make_limit(model, workload)
+    return make_ours3(layers) if method == "ours3" else make_ours(layers)
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
     """Peak memory of one method on the first batch, in a fresh process."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, images, classes = make_workload(args)
-    runner = make_runner(args.worker, model)
+    (workload,) = args.workloads  # one per worker
+    model, images, classes = make_workload(args, workload)
+    runner = make_runner(args.worker, model, workload)
     batch, ids = next(batches(images, classes, args.batch_size))
     on_gpu = args.device.startswith("cuda")
     if on_gpu:
@@ -198,18 +246,18 @@ def memory_worker(args: argparse.Namespace) -> dict:
     return {"method": args.worker, "peak_mib": peak / 2**20}
 
 
-def time_methods(args: argparse.Namespace, methods: list[str]) -> dict[str, float]:
+def time_methods(args: argparse.Namespace, methods: list[str], workload: str) -> dict[str, float]:
     """Seconds per pass over all images, per method, the methods interleaved batch by batch.
 
     Interleaving spreads the load of other processes over all methods alike; each method has its
     own copy of the model so that one library's hooks never run during another's timing.
     """
-    model, images, classes = make_workload(args)
+    model, images, classes = make_workload(args, workload)
     runners = {}
     for method in methods:
         try:
             copy_of_model = copy.deepcopy(model)
-            runners[method] = (copy_of_model, make_runner(method, copy_of_model))
+            runners[method] = (copy_of_model, make_runner(method, copy_of_model, workload))
         except ImportError as exc:
             print(f"{method:9s} skipped: {type(exc).__name__}: {exc}")
     work = list(batches(images, classes, args.batch_size))
@@ -244,18 +292,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, _, classes = make_workload(args)
+    for workload in args.workloads:
+        run_workload(args, argv, workload)
+
+
+def run_workload(args: argparse.Namespace, argv: list[str], workload: str) -> None:
+    """Peak memory (one subprocess per method) and interleaved timing of every method on one workload."""
+    _, _, classes = make_workload(args, workload)
     counts = [len(c) for c in classes]
-    print(f"device={args.device} images={args.images} size={args.height}x{args.width} width_mult={args.width_mult} "
+    height, width = image_size(args, workload)
+    layers = layers_of(workload)
+    width_mult = f" width_mult={args.width_mult}" if workload == "vgg16" else ""
+    print(f"== {workload}: device={args.device} images={args.images} size={height}x{width}{width_mult} "
           f"batch={args.batch_size} warmup={args.warmup} repeats={args.repeats} threads={torch.get_num_threads()} "
           f"group_by_classes={args.group_by_classes} channels_last={args.channels_last}")
-    print(f"classes per image, in batch order: {counts} (maps per layer: {sum(counts)}); layers: {', '.join(STAGES)}")
+    print(f"classes per image, in batch order: {counts} (maps per layer: {sum(counts)}); layers: {', '.join(layers)}")
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     memory: dict[str, float] = {}
     for method in args.methods:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", method],
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--workloads", workload, "--worker", method],
                               capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 0 and lines and "peak_mib" in json.loads(lines[-1]):
@@ -263,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{method:9s} memory run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
 
-    seconds = time_methods(args, args.methods)
+    seconds = time_methods(args, args.methods, workload)
     for method, total in seconds.items():
         peak = f"{memory[method]:8.1f} MiB" if method in memory else "     n/a"
         print(f"{method:9s} {len(classes) / total:8.3f} images/s  {total:8.2f} s  peak +{peak} (first batch)")
@@ -275,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         if "limit" in seconds:
             print(f"ours time / limit time: {ours / seconds['limit']:.3f}")
         if "ours3" in seconds:
-            print(f"three methods (LayerCAM 3-5, Grad-CAM 5, Grad-CAM++ 5) / LayerCAM alone: time x{seconds['ours3'] / ours:.3f}")
-
+            print(f"three methods (LayerCAM at {', '.join(layers)}, Grad-CAM and Grad-CAM++ at {layers[-1]}) / LayerCAM alone: "
+                  f"time x{seconds['ours3'] / ours:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -243,3 +243,80 @@ def test_channels_last_runs_the_classifier_in_nhwc_and_gives_the_same_maps(toy_r
             assert a.files == b.files
             for key in a.files:
                 np.testing.assert_allclose(a[key].astype(np.float32), b[key].astype(np.float32), atol=2e-3)
+
+
+def _image_tensor(layout, image_id):
+    return eval_transform()(*to_tv(read_image(layout.image_path(image_id))))[None]
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"fusion": "mean", "peak_quantile": 0.9},
+    {"scales": (1.0, 0.5), "flip": True},
+])
+def test_python_api_gives_the_files_of_the_cli(toy_root, classifier_ckpt, tmp_path, options):
+    """wsss.cams.LayerCAM with the CLI's options: its fused and per-layer maps are the files' maps
+    (the same float32 maps, so the same float16 bits)."""
+    from wsss.cams import LayerCAM
+
+    flags = {"fusion": ["--fusion", str(options.get("fusion"))], "peak_quantile": ["--peak-quantile", str(options.get("peak_quantile"))],
+             "scales": ["--scales", ",".join(map(str, options.get("scales", ())))], "flip": ["--flip"]}
+    out = tmp_path / "cams"
+    assert _cams(toy_root, classifier_ckpt, out, "--save-layers", *[arg for key in options for arg in flags[key]]) == 0
+    layout = VOCLayout(toy_root)
+    model = load_classifier(classifier_ckpt)
+    cam = LayerCAM(model, ["stage3", "stage4", "stage5"], scaled_layers=["stage3"], **options)
+    compared = 0
+    for image_id in layout.read_ids("train")[:4]:
+        with np.load(out / f"{image_id}.npz") as saved:
+            result = cam(_image_tensor(layout, image_id), [list(saved["classes"] - 1)])
+            assert saved["cams"].shape == result.fused[0].shape
+            np.testing.assert_array_equal(saved["cams"], result.fused[0].numpy().astype(np.float16))
+            for layer in ("stage3", "stage4", "stage5"):
+                np.testing.assert_array_equal(saved[layer], result.layers[layer][0].numpy().astype(np.float16))
+            compared += len(saved["classes"])
+    assert compared > 0
+
+
+def test_cams_of_a_torchvision_classifier_through_the_cli(toy_root, tmp_path, capsys):
+    """--model torchvision:resnet18 --weights FILE: the maps of the file's classes (label value v)
+    are the API's maps of output v - 1; a head of another size is refused, naming the file."""
+    import torchvision
+
+    from wsss.cams import LayerCAM
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=20).eval()
+    torch.save(model.state_dict(), tmp_path / "resnet18.pt")
+    out = tmp_path / "cams"
+    common = ["--model", "torchvision:resnet18", "--data-root", str(toy_root), "--split", "train", "--num-workers", "0", "--accelerator", "cpu"]
+    assert cli(["cams", *common, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(out), "--layers", "layer3,layer4",
+                "--scaled", "layer3", "--save-layers"]) == 0
+    layout, labels = VOCLayout(toy_root), ImageLabels(VOCLayout(toy_root))
+    cam = LayerCAM(model, [model.layer3, model.layer4], scaled_layers=[model.layer3])
+    for image_id in layout.read_ids("train")[:3]:
+        with np.load(out / f"{image_id}.npz") as saved:
+            classes = np.flatnonzero(labels(image_id))
+            np.testing.assert_array_equal(saved["classes"], classes + 1)
+            result = cam(_image_tensor(layout, image_id), [list(classes)])
+            np.testing.assert_array_equal(saved["cams"], result.fused[0].numpy().astype(np.float16))
+            np.testing.assert_array_equal(saved["layer4"], result.layers["layer4"][0].numpy().astype(np.float16))
+    capsys.readouterr()
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), tmp_path / "ten.pt")
+    assert cli(["cams", *common, "--weights", str(tmp_path / "ten.pt"), "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
+    err = capsys.readouterr().err
+    assert "ten.pt" in err and "'fc.weight' has 10 outputs; 20 are needed" in err and "VOC class k+1" in err
+    assert cli(["cams", *common, "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
+    assert "needs --weights" in capsys.readouterr().err
+    assert cli(["cams", *common, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "needs --layers" in capsys.readouterr().err
+    assert cli(["cams", *common, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(tmp_path / "o"), "--layers", "layer4.1.relu"]) == 2
+    assert "enclosing block 'layer4.1'" in capsys.readouterr().err
+    other = [arg.replace("torchvision:resnet18", "torchvision:resnet34") for arg in common]
+    assert cli(["cams", *other, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
+    assert "not the weights of torchvision's resnet34" in capsys.readouterr().err
+    torch.save(torchvision.models.vit_b_32(weights=None, num_classes=20).state_dict(), tmp_path / "vit.pt")
+    vit = [arg.replace("torchvision:resnet18", "torchvision:vit_b_32") for arg in common]
+    assert cli(["cams", *vit, "--weights", str(tmp_path / "vit.pt"), "--out", str(tmp_path / "o"), "--layers", "encoder.ln"]) == 2
+    assert "224x224" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.npz"))

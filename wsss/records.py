@@ -70,6 +70,19 @@ def file_digest(path: str | Path) -> str:
     return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+def module_digest(model: Any) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): a classifier given as an
+    object rather than a file is named by its weights."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()  # bytes of any dtype, bfloat16 included
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def folder_identity(folder: str | Path) -> str:
     """How a stage names an input folder of per-image files: its record's identity when it has one
     (so a moved or copied folder is still the same input), else its resolved path."""

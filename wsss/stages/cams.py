@@ -1,5 +1,9 @@
 """Stage 2: class activation maps for every image's image-level classes (``wsss cams``).
 
+The classifier: a ``train-cls`` checkpoint (``--checkpoint``), or any torchvision classifier with
+the user's weights (``--model torchvision:NAME --weights FILE``, a state dict of a 20-output head
+whose output k is VOC class k + 1; the CAM layers are its module names).
+
 One CAM file per image (:mod:`wsss.formats.cams`): ``OUT/<id>.npz`` with ``classes`` (int64 label
 values 1..20) and ``cams`` (float16, (K, H, W) at the original image size, fused, in [0, 1]); with
 ``save_layers`` also one normalised, upsampled (K, H, W) float16 map per layer, stored under the
@@ -16,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+from torchvision.models import VisionTransformer
+
 from wsss.cams import VIEW_WEIGHTINGS
+from wsss.classes import CLASS_NAMES, NUM_CLASSES
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
@@ -29,8 +37,8 @@ from wsss.io import ensure_output_dir
 from wsss.options import (add_options, check_choices, check_positive_list, check_range, neutral_keys, option,
                           options_from_args, result_params)
 from wsss.options import scales as scales_option
-from wsss.records import claim_folder, file_digest
-from wsss.systems.checkpoints import load_classifier
+from wsss.records import claim_folder, file_digest, module_digest
+from wsss.systems.checkpoints import load_classifier, load_torchvision_classifier
 from wsss.systems.predictors import CamPredictor, CamVariant
 from wsss.systems.writers import CamWriter
 from wsss.trainers import gather_objects, is_global_zero, parse_devices, predict_trainer
@@ -81,7 +89,7 @@ def cam_record(variant: CamVariant, options: CamOptions, output_format: str, cla
 
 
 def make_cams(
-    checkpoint: str | Path,
+    classifier: str | Path | nn.Module,
     data_root: str | Path,
     outputs: Mapping[str | Path, CamVariant],
     options: CamOptions = CamOptions(),
@@ -100,7 +108,9 @@ def make_cams(
     Grad-CAM++ baselines costs what LayerCAM alone costs, and each file is byte for byte what a run
     of that variant alone writes.
 
-    ``checkpoint``: a ``train-cls`` checkpoint. ``options``: the label source, views and resources
+    ``classifier``: a ``train-cls`` checkpoint, or a classifier module (e.g. from
+    :func:`~wsss.systems.checkpoints.load_torchvision_classifier`) with 20 outputs, output k being
+    VOC class k (label value k + 1) as for ours. ``options``: the label source, views and resources
     (:class:`CamOptions`). ``output_format``: ``npz``, or ``irn`` for IRN's ``.npy`` layout (no
     ``save_layers``). Each folder records its variant, options and inputs (:mod:`wsss.records`): a
     folder holding files made otherwise is refused unless ``overwrite``, which replaces them.
@@ -119,15 +129,17 @@ def make_cams(
     image_labels.check(ids)
     for out_dir in folders:
         ensure_output_dir(out_dir)
-    classifier = load_classifier(checkpoint)
-    classifier_identity = f"sha256:{file_digest(checkpoint)}"
+    if isinstance(classifier, nn.Module):
+        model, classifier_identity, source = classifier, f"state_dict:{module_digest(classifier)}", type(classifier).__name__
+    else:
+        model, classifier_identity, source = load_classifier(classifier), f"sha256:{file_digest(classifier)}", Path(classifier).resolve()
     for out_dir, variant in folders.items():
         claim_folder(out_dir, "cams", **cam_record(variant, options, output_format, classifier_identity, image_labels.identity()),
                      overwrite=overwrite, existing=cam_files_in(out_dir), what="CAM files", writer=is_global_zero(),
                      resources={k: getattr(options, k) for k in neutral_keys(CamOptions)},
-                     sources={"checkpoint": Path(checkpoint).resolve(), "data_root": layout.root, "labels": image_labels.description})
+                     sources={"classifier": source, "data_root": layout.root, "labels": image_labels.description})
     # Variants are named after their folder in the predictor's items and the writer.
-    predictor = CamPredictor(classifier, {str(d): v for d, v in folders.items()}, options.gamma, options.scales, options.flip,
+    predictor = CamPredictor(model, {str(d): v for d, v in folders.items()}, options.gamma, options.scales, options.flip,
                              options.view_weighting, options.channels_last)
     done = frozenset() if overwrite else frozenset(
         path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
@@ -153,7 +165,12 @@ def make_cams(
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss cams", description="Stage 2: CAMs of every image's image-level classes, fused across layers.")
-    parser.add_argument("--checkpoint", required=True, help="classifier checkpoint from `wsss train-cls`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="classifier checkpoint from `wsss train-cls`")
+    source.add_argument("--model", help="torchvision:NAME (e.g. torchvision:resnet50), a torchvision classifier with --weights; "
+                        "--layers are then its module names (e.g. layer3,layer4)")
+    parser.add_argument("--weights", help="with --model: a state-dict file of that model with a 20-output head, output k "
+                        "being VOC class k+1 (0 aeroplane ... 19 tvmonitor); torch.save(model.state_dict(), FILE)")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn)")
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
@@ -161,12 +178,32 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     add_options(parser, CamVariant)
     add_options(parser, CamOptions)
+    parser.set_defaults(layers=None, scaled_layers=None)  # their defaults are our classifier's; a --model names its own
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist (and replace a folder made with other settings)")
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    variant = options_from_args(CamVariant, args)
-    counts = make_cams(args.checkpoint, args.data_root, {args.out: variant}, options_from_args(CamOptions, args), split=args.split,
+    if args.model is None:
+        if args.weights is not None:
+            raise ConfigError("--weights goes with --model torchvision:NAME; a train-cls checkpoint is given by --checkpoint alone")
+        classifier: str | nn.Module = args.checkpoint
+        layers = CamVariant.layers if args.layers is None else args.layers
+        scaled = CamVariant.scaled_layers if args.scaled_layers is None else args.scaled_layers
+    else:
+        if args.weights is None:
+            raise ConfigError(f"--model {args.model} needs --weights FILE, a state dict of that model (random weights explain nothing)")
+        if not args.layers:
+            raise ConfigError(f"--model {args.model} needs --layers: module names of the model, e.g. layer3,layer4 for a ResNet")
+        classifier = load_torchvision_classifier(
+            args.model, args.weights, NUM_CLASSES,
+            why=f"output k is explained as VOC class k+1 ({CLASS_NAMES[0]} = 0 ... {CLASS_NAMES[-1]} = {NUM_CLASSES - 1}), so "
+            "the head must be one fine-tuned on VOC's 20 image-level labels in that order")
+        if isinstance(classifier, VisionTransformer):  # its asserted input size would fail on the first image
+            raise ConfigError(f"{args.model} takes only {classifier.image_size}x{classifier.image_size} images and outputs tokens: "
+                              "use the Python API (wsss.cams.LayerCAM with reshape_transform=wsss.cams.tokens_to_nchw)")
+        layers, scaled = args.layers, args.scaled_layers or ()
+    variant = options_from_args(CamVariant, args, layers=tuple(layers), scaled_layers=tuple(scaled))
+    counts = make_cams(classifier, args.data_root, {args.out: variant}, options_from_args(CamOptions, args), split=args.split,
                        overwrite=args.overwrite, output_format=args.format, strategy=args.strategy)[Path(args.out)]
     if is_global_zero():
         print(f"{counts.written} CAM files written, {counts.skipped} already complete, in {time.perf_counter() - start:.1f}s -> {args.out}")

@@ -15,7 +15,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from wsss.errors import WeightsError
-from wsss.formats.torch_files import read_checkpoint
+from wsss.formats.torch_files import load_torch_file, read_checkpoint
 from wsss.io import atomic_path
 from wsss.models.classifier import CAMClassifier
 from wsss.models.deeplab import DeepLabLargeFOV
@@ -77,6 +77,56 @@ def load_classifier(path: str | Path) -> CAMClassifier:
     """The trained :class:`CAMClassifier` of a ``train-cls`` checkpoint, in eval mode, in the
     default memory format (``cams --channels-last`` chooses its own)."""
     return load_system(ClassifierSystem, path, channels_last=False).model
+
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def load_torchvision_classifier(model: str, weights: str | Path, num_outputs: int | None = None, why: str = "") -> torch.nn.Module:
+    """A torchvision classifier (``"torchvision:NAME"``, a name of ``torchvision.models.list_models``)
+    with the weights of a state-dict file, in eval mode, on the CPU.
+
+    The file holds ``model.state_dict()`` (also accepted: a dict holding it under ``"model"``, as
+    torchvision's reference training scripts save, or under ``"state_dict"``). The number of outputs
+    is read from the file's final layer (its last ``weight``: torchvision registers the head last)
+    and the model built with that many; the weights then load strictly. ``num_outputs``: the count
+    the caller needs, a WeightsError naming the file (and saying ``why``) otherwise.
+    """
+    import torchvision
+
+    if not model.startswith(TORCHVISION_PREFIX):
+        raise WeightsError(f"unknown model {model!r}; give torchvision:NAME, e.g. torchvision:resnet50")
+    name = model[len(TORCHVISION_PREFIX):]
+    known = torchvision.models.list_models(module=torchvision.models)  # the image classifiers only
+    if name not in known:
+        raise WeightsError(f"{name!r} is not a torchvision classification model; known names: {', '.join(known)}")
+    state = load_torch_file(weights, "weights")
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{weights}: not a state dict (a dict of tensors, as torch.save(model.state_dict()) writes)")
+    head = [key for key in state if key.endswith("weight")]
+    if not head:
+        raise WeightsError(f"{weights}: no weight tensors, so no final layer to read the number of outputs from")
+    outputs = int(state[head[-1]].shape[0])
+    if num_outputs is not None and outputs != num_outputs:
+        raise WeightsError(f"{weights}: its final layer {head[-1]!r} has {outputs} outputs; {num_outputs} are needed"
+                           + (f": {why}" if why else ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet: a notice about their default init
+        network = torchvision.models.get_model(name, weights=None, num_classes=outputs)
+    expected = network.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or wrong:
+        shapes = f", {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}" if wrong else ""
+        raise WeightsError(f"{weights}: not the weights of torchvision's {name} (with {outputs} outputs): {len(missing)} keys missing "
+                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}){shapes}")
+    network.load_state_dict(state)
+    return network.eval()
 
 
 def load_segmenter(path: str | Path) -> DeepLabLargeFOV:

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
-from wsss.cams import FUSIONS, METHODS, accumulate_multiscale, compute_cam_sets, fuse_cams, normalize_maps, resolve_layers
+from wsss.cams import FUSIONS, METHODS, cams_at_image_size, compute_cam_sets, resolve_layers, view_of
 from wsss.classes import class_ids_of
 from wsss.errors import ConfigError
 from wsss.options import OptionError, check_choices, check_range, option
@@ -25,7 +24,7 @@ class CamVariant:
     """One CAM output of a pass: ``method`` at ``layers``, fused by eq. 9 with ``scaled_layers``
     tanh-scaled; ``save_layers`` keeps each layer's normalised map in its file too. ``peak_quantile``
     and ``fusion``: what each layer's map is divided by and how layers combine
-    (:func:`wsss.cams.fuse_cams`; the defaults are the paper's). Every value is checked here."""
+    (:func:`wsss.cams.cams_at_image_size`; the defaults are the paper's). Every value is checked here."""
 
     method: str = option("layercam", "CAM method", choices=METHODS)
     layers: tuple[str, ...] = option(("stage3", "stage4", "stage5"), "comma-separated layers (stage1..stage5 or module names)")
@@ -50,7 +49,8 @@ class CamPredictor(pl.LightningModule):
     all from one forward and one backward per class slot (:func:`wsss.cams.compute_cam_sets`). Each
     variant's layer maps are summed over the views (``scales`` x ``flip``, made comparable by
     ``view_weighting``: see :func:`wsss.cams.accumulate_multiscale`) at the image size, then
-    fused (LayerCAM eq. 9). Items: ``{"id", "classes" (K,) label values, "variants": {name: {"cams"
+    normalised and fused (LayerCAM eq. 9), by :func:`wsss.cams.cams_at_image_size`, which
+    :class:`wsss.cams.CAM` uses too. Items: ``{"id", "classes" (K,) label values, "variants": {name: {"cams"
     (K, H, W) float32 fused, "layers": {layer: (K, H, W) float16 normalised}}}}``.
 
     ``channels_last``: the classifier and its inputs in NHWC memory format (same maps to float
@@ -90,31 +90,26 @@ class CamPredictor(pl.LightningModule):
         for index, image in enumerate(images):
             groups[tuple(image.shape[-2:])].append(index)
         out: list[dict] = [{} for _ in images]
-        for (height, width), members in groups.items():
-            batch = torch.stack([images[i] for i in members])
-            size = (max(self.min_view_side, round(height * scale)), max(self.min_view_side, round(width * scale)))
-            if size != (height, width):
-                batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
-            if flipped:
-                batch = batch.flip(-1)
+        for members in groups.values():
+            batch = view_of(torch.stack([images[i] for i in members]), scale, flipped, self.min_view_side)
             batch = batch.contiguous(memory_format=self.memory_format)
-            maps = compute_cam_sets(self.classifier, batch, [class_ids[i] for i in members], self.requests)
+            try:
+                maps = compute_cam_sets(self.classifier, batch, [class_ids[i] for i in members], self.requests)
+            except ValueError as exc:  # a layer that cannot be explained (run twice, not (N, C, h, w), ...): the user's to fix
+                raise ConfigError(str(exc)) from None
             for position, index in enumerate(members):
                 out[index] = {method: {layer: layer_maps[position] for layer, layer_maps in by_layer.items()} for method, by_layer in maps.items()}
         return out
 
     def _variant(self, variant: CamVariant, views: list[dict], size: tuple[int, int]) -> dict[str, Any]:
-        summed = accumulate_multiscale([[view[variant.method][layer] for layer in variant.layers] for view in views],
-                                       [flipped for _, flipped in self.views], size, [scale for scale, _ in self.views], self.view_weighting)
-        # Each layer normalised once, for its saved map and for the fusion: a normalised map's maximum
-        # is exactly 1 (or it is all 0), so fuse_cams' own division by the maximum leaves it bit for
-        # bit as it is, and the quantile (two kthvalue passes per layer) is not computed twice.
-        normalized = [normalize_maps(maps, peak_quantile=variant.peak_quantile) for maps in summed]
-        fused = fuse_cams(normalized, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma,
-                          fusion=variant.fusion)
-        layer_maps = {layer: maps.cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, normalized)}
+        cams = cams_at_image_size([[view[variant.method][layer] for layer in variant.layers] for view in views], size,
+                                  [layer in variant.scaled_layers for layer in variant.layers],
+                                  flipped=[flipped for _, flipped in self.views], scales=[scale for scale, _ in self.views],
+                                  view_weighting=self.view_weighting, gamma=self.gamma, peak_quantile=variant.peak_quantile,
+                                  fusion=variant.fusion)
+        layer_maps = {layer: maps.cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, cams.layers)}
         # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
-        return {"cams": fused.cpu().numpy(), "layers": layer_maps}
+        return {"cams": cams.fused.cpu().numpy(), "layers": layer_maps}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         images = list(batch["image"]) if isinstance(batch["image"], list) else list(batch["image"].unbind(0))
