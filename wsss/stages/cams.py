@@ -3,8 +3,9 @@
 One CAM file per image (:mod:`wsss.formats.cams`): ``OUT/<id>.npz`` with ``classes`` (int64 label
 values 1..20) and ``cams`` (float16, (K, H, W) at the original image size, fused, in [0, 1]); with
 ``save_layers`` also one normalised, upsampled (K, H, W) float16 map per layer, stored under the
-layer's name. With ``output_format="irn"`` one ``OUT/<id>.npy`` per image instead, in IRN's
-``make_cam.py`` layout, so that IRN's later steps read it unchanged.
+layer's name. With ``output_format="irn"`` or ``"psa"`` one ``OUT/<id>.npy`` per image instead,
+in the layout of IRN's ``make_cam.py`` or of PSA's ``infer_cls.py``, which those methods' next
+steps read as they read their own (:mod:`wsss.formats.irn`, :mod:`wsss.formats.psa`).
 """
 from __future__ import annotations
 
@@ -77,14 +78,15 @@ def make_cams(
     summed over the views ``scales`` x (``flip``), made comparable by ``view_weighting``
     (:func:`wsss.cams.accumulate_multiscale`). ``channels_last``: NHWC memory format (faster
     convolutions on CPUs and recent GPUs; the maps agree to float rounding). ``output_format``:
-    ``npz``, or ``irn`` for IRN's ``.npy`` layout (no ``save_layers``).
+    ``npz``, or ``irn``/``psa`` for IRN's/PSA's ``.npy`` layout (no ``save_layers``); a folder's
+    files of another format are not counted as done.
     ``accelerator``/``devices``/``strategy`` go to the Trainer: under DDP each image is written by
     exactly one process, and the counts are everyone's.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     if output_format != "npz" and any(v.save_layers for v in outputs.values()):
-        raise ConfigError("per-layer maps (--save-layers) are stored only in the npz format; IRN's layout has no place for them")
+        raise ConfigError(f"per-layer maps (--save-layers) are stored only in the npz format; the {output_format} layout has no place for them")
     folders = {Path(out_dir): variant for out_dir, variant in outputs.items()}
     layout = VOCLayout(resolve_data_root(data_root))
     image_labels = ImageLabels(layout, labels)
@@ -97,7 +99,7 @@ def make_cams(
     predictor = CamPredictor(load_classifier(checkpoint), {str(d): v for d, v in folders.items()}, gamma, tuple(scales), flip,
                              view_weighting, channels_last)
     done = frozenset() if overwrite else frozenset(
-        path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
+        path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path, output_format))
     todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
     skipped = {out_dir: sum(cam_path(out_dir, i, output_format) in done for i in ids) for out_dir in folders}
     for out_dir, variant in folders.items():
@@ -122,9 +124,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss cams", description="Stage 2: CAMs of every image's image-level classes, fused across layers.")
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint from `wsss train-cls`")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn)")
+    parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn or psa)")
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
-                        help="npz (default), or irn: IRN's make_cam.py <id>.npy dict (keys, high_res) that IRN's later steps read unchanged")
+                        help="npz (default); irn: IRN's make_cam.py <id>.npy dict (keys, cam at stride 4, high_res) for IRN's "
+                        "cam_to_ir_label.py and make_sem_seg_labels.py; psa: PSA's infer_cls.py <id>.npy dict "
+                        "{class index: map} for PSA's infer_aff.py")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--labels", default="auto", help="image-level labels: auto, annotations, masks, or a cls_labels.npy")
     parser.add_argument("--method", default="layercam", choices=METHODS)

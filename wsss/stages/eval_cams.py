@@ -47,8 +47,8 @@ def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key
     """(T, 21, 21) summed confusion of a chunk of (CAM file, GT mask) pairs, one per threshold."""
     total = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
     for cam_path, gt_path in pairs:
-        cams, classes = read_cams(cam_path, key)
         gt = read_label_png(gt_path)
+        cams, classes = read_cams(cam_path, key, image_size=gt.shape)
         if cams.shape[1:] != gt.shape:
             raise DataError(f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
         best_score, best_label = cam_best_class(cams, classes)  # once per image, reused per threshold

@@ -2,8 +2,8 @@
 
 One VOC-palette PNG per image (values 0..20) by eq. 10 superpixel voting (:mod:`wsss.pseudo`).
 This module is plumbing only: a resumable loop over images (a Lightning predict loop, so it runs
-under DDP like ``wsss cams``), atomic writes and a summary. CAM files of either layout are read by
-:func:`wsss.formats.cams.read_cams`.
+under DDP like ``wsss cams``), atomic writes and a summary. CAM files of any layout (ours, IRN's,
+PSA's) are read by :func:`wsss.formats.cams.read_cams`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, t
     Raises DataError naming the file on any input problem.
     """
     image = read_image(image_path)
-    cams, classes = read_cams(cam_path, key)
+    cams, classes = read_cams(cam_path, key, image_size=image.shape[:2])
     if cams.shape[1:] != image.shape[:2]:
         raise DataError(
             f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but image {image_path.name} "
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
         "LayerCAM eq. 10). Resumable: existing valid PNGs are kept unless --overwrite.",
     )
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
+    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN's / PSA's <id>.npy) CAM files")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <id>.png")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--threshold", type=options.finite, default=DEFAULT_THRESHOLD, help="background threshold on a superpixel's mean CAM score (default: 0.3)")

@@ -31,8 +31,8 @@ class PerImageWriter(BasePredictionWriter):
 
 class CamWriter(PerImageWriter):
     """:class:`~wsss.systems.predictors.CamPredictor` items -> one file per variant and image:
-    ``out_dirs[name]/<id>.npz`` (with per-layer maps where ``save_layers[name]``) or IRN's
-    ``<id>.npy`` (``output_format="irn"``). Files in ``done`` (complete before the run) are not
+    ``out_dirs[name]/<id>.npz`` (with per-layer maps where ``save_layers[name]``) or IRN's or PSA's
+    ``<id>.npy`` (``output_format="irn"``/``"psa"``). Files in ``done`` (complete before the run) are not
     rewritten; ``written`` counts this process's files."""
 
     def __init__(self, out_dirs: Mapping[str, Path], save_layers: Mapping[str, bool], output_format: str = "npz",
@@ -46,7 +46,7 @@ class CamWriter(PerImageWriter):
             path = cam_path(self.out_dirs[name], item["id"], self.output_format)
             if path in self.done:
                 continue
-            write_cam_file(path, item["classes"], maps["cams"], maps["layers"] if self.save_layers[name] else None)
+            write_cam_file(path, self.output_format, item["classes"], maps["cams"], maps["layers"] if self.save_layers[name] else None)
             self.written[name] += 1
 
 
