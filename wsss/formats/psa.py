@@ -34,15 +34,13 @@ def psa_class_maps(path: Path, data: dict) -> tuple[np.ndarray, np.ndarray | Non
     """``(class_indices, maps)`` of a loaded PSA dict: (K,) int64 0-based indices in increasing
     order and their (K, H, W) maps, or None for an empty dict (no maps, so no size).
 
-    DataError naming ``path`` unless every key is a class index 0..19 and every value a 2-D floating
-    point NumPy array, all of one shape. The maps' values are checked by the caller."""
+    DataError naming ``path`` unless every key is an integer and every value a 2-D floating point
+    NumPy array, all of one shape. The indices' range (0..19) and the maps' values are checked by
+    the caller, as for the other layouts."""
     bad_keys = [key for key in data if not is_class_index(key)]
     if bad_keys:
         raise DataError(f"{path}: a PSA CAM dict's keys must be integer class indices 0..{NUM_CLASSES - 1}, got {bad_keys[:10]!r}")
     indices = sorted(int(key) for key in data)
-    out_of_range = [index for index in indices if not 0 <= index < NUM_CLASSES]
-    if out_of_range:
-        raise DataError(f"{path}: PSA class indices must be in 0..{NUM_CLASSES - 1} (0-based, no background), got {out_of_range}")
     by_index = {int(key): value for key, value in data.items()}
     for index in indices:
         value = by_index[index]
