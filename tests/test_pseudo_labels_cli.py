@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 from test_io import save_npy_protocol2
 
@@ -112,6 +113,51 @@ def test_irn_npy_gives_the_same_pngs_as_npz(layout, cam_dir, tmp_path):
     assert run(["--data-root", layout.root, "--cams", npy_dir, "--out", out_npy, "--split", listfile, "--workers", 2]) == 0
     for image_id in ids:
         np.testing.assert_array_equal(read_label_png(out_npz / f"{image_id}.png"), read_label_png(out_npy / f"{image_id}.png"))
+
+
+def test_gray_and_palette_pngs_hold_the_same_indices_but_only_gray_reads_as_them_everywhere(layout, cam_dir, tmp_path, capsys):
+    """--png-mode gray writes 8-bit grayscale PNGs: PIL, imageio (IRN's and PSA's reader) and cv2
+    all return their indices. A palette PNG holds the same indices, which PIL returns, but imageio
+    returns its palette colours and cv2's grayscale read their luminance."""
+    imageio = pytest.importorskip("imageio.v2")
+    ids = layout.read_ids("train")
+    palette_dir, gray_dir = tmp_path / "palette", tmp_path / "gray"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", palette_dir, "--split", "train", "--workers", 1]) == 0
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", gray_dir, "--split", "train", "--workers", 1, "--png-mode", "gray"]) == 0
+    try:
+        import cv2  # with the dev extra (grad-cam needs it); the rest of the test does not
+    except ImportError:
+        cv2 = None
+    for image_id in ids:
+        palette_png, gray_png = palette_dir / f"{image_id}.png", gray_dir / f"{image_id}.png"
+        with Image.open(palette_png) as palette_image, Image.open(gray_png) as gray_image:
+            assert (palette_image.mode, gray_image.mode) == ("P", "L")
+            indices = np.asarray(palette_image)
+            np.testing.assert_array_equal(np.asarray(gray_image), indices)  # PIL: the same indices
+            colours = np.asarray(palette_image.convert("RGB"))  # the palette's colours, by PIL's own lookup
+        assert indices.any(), "a label map without any class shows nothing"
+        np.testing.assert_array_equal(read_label_png(palette_png), indices)
+        np.testing.assert_array_equal(read_label_png(gray_png), indices)
+        np.testing.assert_array_equal(imageio.imread(gray_png), indices)
+        from_palette = imageio.imread(palette_png)
+        assert from_palette.shape == (*indices.shape, 3)  # imageio: colours, not labels
+        np.testing.assert_array_equal(from_palette, colours)
+        if cv2 is not None:
+            np.testing.assert_array_equal(cv2.imread(str(gray_png), cv2.IMREAD_GRAYSCALE), indices)
+            luminance = cv2.imread(str(palette_png), cv2.IMREAD_GRAYSCALE)
+            assert (luminance[indices > 0] != indices[indices > 0]).any()
+    capsys.readouterr()
+
+    # Resume: a PNG of the other mode is not "done": asking for gray redoes the palette folder, and
+    # a second gray run keeps everything; asking for palette again redoes it all.
+    for mode, written in (("gray", len(ids)), ("gray", 0), ("palette", len(ids))):
+        assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", palette_dir, "--split", "train", "--workers", 1,
+                    "--png-mode", mode]) == 0
+        assert f"{written} written, {len(ids) - written} skipped" in capsys.readouterr().out
+        assert {Image.open(p).mode for p in palette_dir.glob("*.png")} == {{"gray": "L", "palette": "P"}[mode]}
+    with pytest.raises(SystemExit):
+        run(["--data-root", layout.root, "--cams", cam_dir, "--out", gray_dir, "--split", "train", "--png-mode", "grey"])
+    assert "--png-mode" in capsys.readouterr().err
 
 
 def test_key_selects_another_array(layout, cam_dir, tmp_path):

@@ -94,8 +94,8 @@ class EvalCamsConfig:
 class PseudoConfig:
     """``pseudo``: eq. 10's background threshold (or, with ``threshold_from_seeds``, each CAM
     folder's best seed threshold of this run's eval-cams sweep on ``eval_split``), the optional
-    uncertain band up to ``ignore_below`` (left at 255), the dense-CRF refinement ``crf``, and SLIC
-    overrides (None = the stage's default)."""
+    uncertain band up to ``ignore_below`` (left at 255), the dense-CRF refinement ``crf``, SLIC
+    overrides (None = the stage's default), and the PNGs' ``png_mode`` (``palette`` or ``gray``)."""
 
     threshold: float = 0.3
     threshold_from_seeds: bool = False
@@ -105,8 +105,12 @@ class PseudoConfig:
     compactness: float | None = None
     sigma: float | None = None
     workers: int = 1
+    png_mode: str = "palette"
 
     def __post_init__(self):
+        from wsss.formats.label_png import check_png_mode
+
+        check_png_mode(self.png_mode, "pseudo.png_mode")
         if not math.isfinite(self.threshold):
             raise ConfigError(f"pseudo.threshold must be a finite number, got {self.threshold!r}")
         # With threshold_from_seeds the constant threshold is replaced per CAM folder; the step
@@ -125,7 +129,8 @@ class PseudoConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """``predict``: the splits the segmenter labels and is scored on (default: val and eval) and its test-time views."""
+    """``predict``: the splits the segmenter labels and is scored on (default: val and eval), its
+    test-time views and the PNGs' ``png_mode`` (``palette`` or ``gray``)."""
 
     splits: tuple[str, ...] | None = None
     scales: tuple[float, ...] = (1.0,)
@@ -133,8 +138,12 @@ class PredictConfig:
     batch_size: int = 1
     num_workers: int = 2
     accelerator: str = "auto"
+    png_mode: str = "palette"
 
     def __post_init__(self):
+        from wsss.formats.label_png import check_png_mode
+
+        check_png_mode(self.png_mode, "predict.png_mode")
         if self.splits is not None and not self.splits:
             raise ConfigError(f"predict.splits must be a non-empty list of split names, got {list(self.splits)!r}")
         _positive_numbers("predict.scales", self.scales)

@@ -201,7 +201,7 @@ def pseudo_labels_step(run: Run) -> dict[str, Any]:
         thresholds[name] = seed_threshold(run, name) if c.threshold_from_seeds else c.threshold
         if c.ignore_below is not None and c.ignore_below <= thresholds[name]:
             raise ConfigError(f"pseudo.ignore_below {c.ignore_below} is not above the threshold {thresholds[name]} of {name}")
-        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, crf=c.crf, slic=c.slic())
+        params = PseudoLabelParams(threshold=thresholds[name], ignore_below=c.ignore_below, crf=c.crf, slic=c.slic(), png_mode=c.png_mode)
         summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
                                      params=params, workers=c.workers, progress=False)
         run.say(f"  pseudo/{name}: threshold {thresholds[name]:g}; {summary.line()}")
@@ -250,7 +250,8 @@ def predict_step(run: Run) -> dict[str, Any]:
     counts = {}
     for split in run.prediction_splits():
         predict_segmentation(checkpoint, run.data_root, run.out / "predictions" / split, split=split, scales=c.scales, flip=c.flip,
-                             batch_size=c.batch_size, num_workers=c.num_workers, accelerator=c.accelerator, devices=1, progress=False)
+                             batch_size=c.batch_size, num_workers=c.num_workers, accelerator=c.accelerator, devices=1,
+                             png_mode=c.png_mode, progress=False)
         counts[split] = len(run.ids(split))
     return {"counts": counts}
 

@@ -1,9 +1,10 @@
 """Stage 3: pseudo-labels from images + CAM files (``wsss pseudo-labels``).
 
-One VOC-palette PNG per image (values 0..20) by eq. 10 superpixel voting (:mod:`wsss.pseudo`).
-This module is plumbing only: a resumable loop over images (a Lightning predict loop, so it runs
-under DDP like ``wsss cams``), atomic writes and a summary. CAM files of any layout (ours, IRN's,
-PSA's) are read by :func:`wsss.formats.cams.read_cams`.
+One PNG per image (values 0..20; VOC palette, or 8-bit grayscale with ``png_mode="gray"``) by
+eq. 10 superpixel voting (:mod:`wsss.pseudo`). This module is plumbing only: a resumable loop over
+images (a Lightning predict loop, so it runs under DDP like ``wsss cams``), atomic writes and a
+summary. CAM files of any layout (ours, IRN's, PSA's) are read by
+:func:`wsss.formats.cams.read_cams`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from wsss.data.voc import VOCLayout
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
-from wsss.formats.label_png import is_valid_label_png, write_label_png
+from wsss.formats.label_png import PNG_MODES, check_png_mode, is_valid_label_png, write_label_png
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
@@ -38,10 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, threshold: float = DEFAULT_THRESHOLD,
-                      key: str | None = None, ignore_below: float | None = None, crf: bool = False, **slic_kwargs: Any) -> np.ndarray:
+                      key: str | None = None, ignore_below: float | None = None, crf: bool = False, png_mode: str = "palette",
+                      **slic_kwargs: Any) -> np.ndarray:
     """Load an image and its CAM file, vote per superpixel (eq. 10; superpixels scored in
     [``threshold``, ``ignore_below``) left at 255; with ``crf``, on the dense-CRF marginals of
-    the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically.
+    the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically as a ``png_mode``
+    (``palette`` or ``gray``) PNG.
 
     Returns the (H, W) uint8 label map. ``out_path=None`` skips writing (sweeps, tests).
     Raises DataError naming the file on any input problem.
@@ -59,7 +62,7 @@ def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, t
     else:
         label_map = superpixel_labels(image, cams, classes, threshold=threshold, ignore_below=ignore_below, **slic_kwargs)
     if out_path is not None:
-        write_label_png(out_path, label_map)
+        write_label_png(out_path, label_map, png_mode)
     return label_map
 
 
@@ -83,6 +86,7 @@ class PseudoLabelParams:
     slic: dict[str, Any] = field(default_factory=dict)  # overrides of SLIC_DEFAULTS
     key: str | None = None
     overwrite: bool = False
+    png_mode: str = "palette"  # PNGs written, and the only ones a resumed run keeps: palette or gray
 
 
 @dataclass
@@ -118,7 +122,8 @@ class PseudoLabelDataset(Dataset):
     """Item i: image i's label map, or why it has none (the work runs in DataLoader workers).
 
     ``{"id", "status": "labelled" | "skipped" | "failed", "label_map": (H, W) uint8 or None, "message"}``;
-    ``skipped`` means a valid PNG of the right size is already there (kept unless ``overwrite``).
+    ``skipped`` means a valid PNG of the right size and ``png_mode`` is already there (kept unless
+    ``overwrite``; one of the other mode is redone).
     Input errors (DataError) become ``failed`` items, so one bad file does not stop the run.
     """
 
@@ -132,7 +137,7 @@ class PseudoLabelDataset(Dataset):
         job, params = self.jobs[index], self.params
         item: dict[str, Any] = {"id": job.image_id, "status": "skipped", "label_map": None, "message": ""}
         try:
-            if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
+            if not params.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path), params.png_mode):
                 return item
             item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, params.threshold, params.key, params.ignore_below,
                                                    params.crf, **params.slic)
@@ -159,7 +164,8 @@ def make_pseudo_labels(
     """Write ``out_dir/<id>.png`` for every image of ``split`` from its CAM file in ``cam_dir``.
 
     Validates up front that every listed id has a CAM file (all missing ids reported in one
-    DataError unless ``skip_missing``). Existing valid PNGs are kept unless ``params.overwrite``.
+    DataError unless ``skip_missing``). Existing valid PNGs of ``params.png_mode`` are kept unless
+    ``params.overwrite``.
     Per-image input errors do not stop the run; they are collected in the summary (the caller
     decides whether that is fatal: :meth:`PseudoLabelSummary.raise_for_failures`). ``workers``
     DataLoader worker processes per process (none when 1); ``accelerator``/``devices``/``strategy``
@@ -168,6 +174,7 @@ def make_pseudo_labels(
     """
     if params.crf and not crf_available():
         raise ConfigError(f"pseudo-labels with a dense CRF: {CRF_INSTALL_HINT}")
+    check_png_mode(params.png_mode)
     start = time.perf_counter()
     layout = VOCLayout(resolve_data_root(data_root))
     ids = layout.read_ids(split)
@@ -184,7 +191,7 @@ def make_pseudo_labels(
     summary = PseudoLabelSummary(skipped_missing=missing)
     if jobs:
         log.info("%d images from %s; SLIC %s; threshold %g; %d workers", len(jobs), split, {**SLIC_DEFAULTS, **params.slic}, params.threshold, workers)
-        writer = PseudoLabelWriter(out_dir)
+        writer = PseudoLabelWriter(out_dir, params.png_mode)
         trainer = predict_trainer(writer, accelerator, devices, strategy, progress)
         data = PredictDataModule(PseudoLabelDataset(jobs, params), batch_size=1, num_workers=workers if workers > 1 else 0, collate_fn=list)
         trainer.predict(PassThroughPredictor(), datamodule=data, return_predictions=False)
@@ -202,8 +209,8 @@ def main(argv: list[str]) -> int:
     """``wsss pseudo-labels``: see ``--help``."""
     parser = argparse.ArgumentParser(
         prog="wsss pseudo-labels",
-        description="Images + CAM files -> OUT/<id>.png VOC-palette pseudo-labels (SLIC superpixel voting, "
-        "LayerCAM eq. 10). Resumable: existing valid PNGs are kept unless --overwrite.",
+        description="Images + CAM files -> OUT/<id>.png pseudo-labels (SLIC superpixel voting, LayerCAM eq. 10). "
+        "Resumable: existing valid PNGs of the --png-mode asked for are kept unless --overwrite.",
     )
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN's / PSA's <id>.npy) CAM files")
@@ -216,6 +223,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--crf", action="store_true", help=f"vote on dense-CRF marginals of [threshold, CAM scores] ({CRF_INSTALL_HINT})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader worker processes per device process; 1 = none (default: all CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs")
+    parser.add_argument("--png-mode", default="palette", choices=PNG_MODES,
+                        help="palette: VOC-palette PNGs (default, VOC's format; PIL reads the indices); gray: 8-bit grayscale "
+                        "PNGs of the same indices, for readers that decode a palette to colours (imageio, as IRN/PSA use; cv2)")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
     parser.add_argument("--key", default=None, help="array of the CAM file to use (default: cams / IRN high_res), e.g. a per-layer map")
     parser.add_argument("--n-segments", type=int, default=None, help=f"SLIC n_segments (default {SLIC_DEFAULTS['n_segments']})")
@@ -235,7 +245,7 @@ def main(argv: list[str]) -> int:
     if args.crf and args.ignore_below is not None:
         raise ConfigError("--crf and --ignore-below cannot be combined (the band is on the constant threshold the CRF replaces)")
     params = PseudoLabelParams(threshold=args.threshold, ignore_below=args.ignore_below, crf=args.crf, slic=slic, key=args.key,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, png_mode=args.png_mode)
     summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, params=params, workers=args.workers,
                                  skip_missing=args.skip_missing, accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
     if not is_global_zero():  # the summary holds every process's totals; one process reports them

@@ -51,10 +51,15 @@ class CamWriter(PerImageWriter):
 
 
 class LabelPNGWriter(PerImageWriter):
-    """``{"id", "label_map"}`` items -> ``<id>.png`` (VOC palette)."""
+    """``{"id", "label_map"}`` items -> ``<id>.png``, a VOC-palette PNG or, with ``png_mode="gray"``,
+    an 8-bit grayscale one (:func:`~wsss.formats.label_png.write_label_png`)."""
+
+    def __init__(self, out_dir: str | Path, png_mode: str = "palette"):
+        super().__init__(out_dir)
+        self.png_mode = png_mode
 
     def write_item(self, item: dict[str, Any]) -> None:
-        write_label_png(self.out_dir / f"{item['id']}.png", item["label_map"])
+        write_label_png(self.out_dir / f"{item['id']}.png", item["label_map"], self.png_mode)
         self.written += 1
 
 
@@ -62,8 +67,8 @@ class PseudoLabelWriter(LabelPNGWriter):
     """Items with a ``status``: ``labelled`` ones are written, ``skipped`` (a valid PNG is already
     there) and ``failed`` (its ``message`` says why) ones are counted."""
 
-    def __init__(self, out_dir: str | Path):
-        super().__init__(out_dir)
+    def __init__(self, out_dir: str | Path, png_mode: str = "palette"):
+        super().__init__(out_dir, png_mode)
         self.skipped = 0
         self.failed: dict[str, str] = {}
 
