@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         description="Seed mIoU of CAM files against GT masks over a background-threshold sweep: "
         "background score = threshold, label = argmax over background and the image's class maps.",
     )
-    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
+    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN's / PSA's <id>.npy) CAM files")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
     parser.add_argument("--thresholds", default="0.05:0.60:0.05", help="START:STOP:STEP (STOP included) or a comma list; 0.3 is always added")
     parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")

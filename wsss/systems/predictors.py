@@ -113,7 +113,7 @@ class CamPredictor(pl.LightningModule):
         fused = fuse_cams(normalized, size, [layer in variant.scaled_layers for layer in variant.layers], self.gamma,
                           fusion=variant.fusion)
         layer_maps = {layer: maps.cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, normalized)}
-        # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
+        # float32: the writer rounds to float16 for npz; IRN's and PSA's layouts keep float32.
         return {"cams": fused.cpu().numpy(), "layers": layer_maps}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
