@@ -13,6 +13,9 @@ from wsss.data.transforms import eval_transform, to_tv
 from wsss.data.voc import ImageLabels, VOCLayout
 from wsss.formats.cams import read_cams
 from wsss.formats.images import read_image
+from wsss.formats.irn import write_irn_cams
+from wsss.formats.label_png import read_label_png
+from wsss.pseudo import cam_seed_labels
 from wsss.records import RECORD_FILE
 from wsss.systems.checkpoints import load_classifier
 from wsss.systems.classifier import ClassifierSystem
@@ -61,7 +64,43 @@ def test_cams_cli_writes_one_valid_file_per_image_matching_the_math(toy_root, cl
             np.testing.assert_allclose(saved["stage5"].astype(np.float32), normalize_maps(upsampled[2]).numpy(), atol=2e-3)
 
 
-def test_irn_format_is_read_unchanged_by_irns_code_and_by_ours(toy_root, classifier_ckpt, tmp_path, capsys):
+def irn_seed_labels_of_high_res(pack: dict, threshold: float) -> np.ndarray:
+    """IRN's step/cam_to_ir_label.py up to its CRF: ``high_res`` with a constant background plane
+    in front, argmax, mapped through ``keys`` (0-based, padded with the background 0)."""
+    keys = np.pad(pack["keys"] + 1, (1, 0), mode="constant")
+    padded = np.pad(pack["high_res"], ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
+    return keys[np.argmax(padded, axis=0)]
+
+
+def irn_sem_seg_labels_of_cam(pack: dict, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """IRN's step/make_sem_seg_labels.py with the random walk left out (it needs IRN's edge
+    network): the stride-4 ``cam`` tensor upsampled x4 bilinearly, cropped to the image, divided by
+    its maximum, a background plane of ``threshold`` in front, argmax, mapped through ``keys``."""
+    keys = np.pad(pack["keys"] + 1, (1, 0), mode="constant")
+    walked = pack["cam"].float()[:, None]  # (K, 1, h, w), what propagate_to_edge returns
+    upsampled = torch.nn.functional.interpolate(walked, scale_factor=4, mode="bilinear", align_corners=False)[..., 0, :size[0], :size[1]]
+    upsampled = upsampled / torch.max(upsampled)
+    with_background = torch.nn.functional.pad(upsampled, (0, 0, 0, 0, 1, 0), value=threshold)
+    return keys[torch.argmax(with_background, dim=0).numpy()]
+
+
+def distance_to_label_boundary(labels: np.ndarray) -> np.ndarray:
+    """Per pixel, the Euclidean distance in pixels to the nearest pixel whose 4-neighbour has another label."""
+    from scipy.ndimage import distance_transform_edt
+
+    boundary = np.zeros(labels.shape, dtype=bool)
+    rows, cols = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
+    boundary[:-1] |= rows
+    boundary[1:] |= rows
+    boundary[:, :-1] |= cols
+    boundary[:, 1:] |= cols
+    return distance_transform_edt(~boundary) if boundary.any() else np.full(labels.shape, np.inf)
+
+
+def test_irn_format_is_read_by_irns_next_steps_as_irns_own_files(toy_root, classifier_ckpt, tmp_path, capsys):
+    """IRN's two readers of make_cam.py's files, cam_to_ir_label.py (``high_res``) and
+    make_sem_seg_labels.py (the stride-4 ``cam``), run their own operations on our files and get
+    the labels our seed rule gives on the same maps."""
     npz_dir, irn_dir = tmp_path / "npz", tmp_path / "irn"
     assert _cams(toy_root, classifier_ckpt, npz_dir) == 0
     assert _cams(toy_root, classifier_ckpt, irn_dir, "--format", "irn") == 0
@@ -69,50 +108,142 @@ def test_irn_format_is_read_unchanged_by_irns_code_and_by_ours(toy_root, classif
     ids = layout.read_ids("train")
     assert sorted(p.name for p in irn_dir.iterdir()) == sorted([*(f"{i}.npy" for i in ids), RECORD_FILE])
     labels = ImageLabels(layout)
+    agree = total = 0
+    farthest = 0.0
     for image_id in ids:
         path = irn_dir / f"{image_id}.npy"
-        # IRN's step/eval_cam.py and cam_to_ir_label.py, verbatim:
-        d = np.load(path, allow_pickle=True).item()
-        keys = np.pad(d["keys"] + 1, (1, 0), mode="constant")
-        cams = d["high_res"]
-        np.testing.assert_array_equal(keys, [0, *(np.flatnonzero(labels(image_id)) + 1)])
-        assert d["keys"].dtype == np.int64 and cams.dtype == np.float32
-        assert cams.shape == (len(keys) - 1, *read_image(layout.image_path(image_id)).shape[:2])
-        assert 0 <= cams.min() and cams.max() <= 1
-        ours, classes = read_cams(path)
+        pack = np.load(path, allow_pickle=True).item()  # what both IRN steps do
+        height, width = read_image(layout.image_path(image_id)).shape[:2]
+        classes = np.flatnonzero(labels(image_id)) + 1
+        # make_cam.py's types: keys and cam torch tensors (cam goes to the GPU as it is), high_res NumPy
+        assert sorted(pack) == ["cam", "high_res", "keys"]
+        assert isinstance(pack["keys"], torch.Tensor) and pack["keys"].dtype == torch.int64
+        assert isinstance(pack["cam"], torch.Tensor) and pack["cam"].dtype == torch.float32
+        assert isinstance(pack["high_res"], np.ndarray) and pack["high_res"].dtype == np.float32
+        np.testing.assert_array_equal(np.pad(pack["keys"] + 1, (1, 0), mode="constant"), [0, *classes])
+        assert pack["high_res"].shape == (len(classes), height, width)
+        assert pack["cam"].shape == (len(classes), (height - 1) // 4 + 1, (width - 1) // 4 + 1)  # IRN's strided size
+        # cam: the mean of each 4x4 block of high_res (torch's pooling over the partial edge blocks
+        # divides by the pixels present), each class map divided by its maximum
+        block_means = torch.nn.functional.avg_pool2d(torch.from_numpy(pack["high_res"]).double()[None], 4, 4, ceil_mode=True)[0]
+        expected_cam = block_means / block_means.amax(dim=(1, 2), keepdim=True)
+        torch.testing.assert_close(pack["cam"].double(), expected_cam, rtol=0, atol=1e-6)
+        assert torch.all(pack["cam"].amax(dim=(1, 2)) == 1) and pack["cam"].min() >= 0
+
+        maps, read_classes = read_cams(path)
         reference, reference_classes = read_cams(npz_dir / f"{image_id}.npz")
-        np.testing.assert_array_equal(classes, reference_classes)
-        np.testing.assert_allclose(ours, reference.astype(np.float32), atol=1e-3)  # npz holds float16
+        np.testing.assert_array_equal(read_classes, classes)
+        np.testing.assert_array_equal(reference_classes, classes)
+        np.testing.assert_allclose(maps, reference.astype(np.float32), rtol=0, atol=2.0 ** -12)  # npz: float16, IRN: float32
+        for threshold in (0.30, 0.05):  # cam_to_ir_label's conf_fg_thres and conf_bg_thres: the same maps, exactly
+            np.testing.assert_array_equal(irn_seed_labels_of_high_res(pack, threshold), cam_seed_labels(maps, classes, threshold))
+        # make_sem_seg_labels (sem_seg_bg_thres 0.25) reads the maps through a stride-4 grid, which
+        # holds no detail finer than a cell: labels may differ only close to our label map's
+        # boundaries. A cell's value spans 4 pixels and the x4 bilinear upsampling blends two cells,
+        # and the re-normalisations by the maximum move a contour where a map is flat; within 3 cells
+        # (12 px) of a boundary is what that allows, and most pixels must agree.
+        ours = cam_seed_labels(maps, classes, 0.25)
+        irn_labels = irn_sem_seg_labels_of_cam(pack, (height, width), 0.25)
+        differ = irn_labels != ours
+        agree += int((~differ).sum())
+        total += ours.size
+        if differ.any():
+            farthest = max(farthest, float(distance_to_label_boundary(ours)[differ].max()))
+    assert farthest <= 12, f"a label differs {farthest:g} px away from any boundary of ours"
+    assert agree / total >= 0.9, f"only {agree / total:.1%} of the pixels agree"
     capsys.readouterr()
     assert cli(["pseudo-labels", "--data-root", str(toy_root), "--cams", str(irn_dir), "--out", str(tmp_path / "labels"), "--split", "train", "--workers", "1"]) == 0
     assert f"{len(ids)} written" in capsys.readouterr().out
 
 
-def test_irn_format_has_no_place_for_per_layer_maps(toy_root, classifier_ckpt, tmp_path, capsys):
-    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--format", "irn", "--save-layers") == 2
-    assert "--save-layers" in capsys.readouterr().err
+def psa_labels(cam_dict: dict, size: tuple[int, int], alpha: float) -> np.ndarray:
+    """PSA's infer_aff.py before its random walk: a (21, H, W) array filled from ``.items()`` at
+    index class + 1, the background ``(1 - max) ** alpha`` in front, then the argmax is the label."""
+    full = np.zeros((21, *size), np.float32)
+    for key, value in cam_dict.items():
+        full[key + 1] = value
+    full[0] = (1 - np.max(full[1:], 0, keepdims=False)) ** alpha
+    return np.argmax(full, axis=0)
+
+
+def background_power_scores(maps: np.ndarray, alpha: float) -> np.ndarray:
+    """(K + 1, H, W): the background score (1 - max over the classes) ** alpha, then the class maps."""
+    return np.concatenate([(1 - maps.max(axis=0, keepdims=True, initial=0)) ** alpha, maps])
+
+
+def background_power_labels(maps: np.ndarray, classes: np.ndarray, alpha: float) -> np.ndarray:
+    """Label values: 0 where the background score wins, else the best class (first on ties)."""
+    return np.concatenate([[0], classes])[np.argmax(background_power_scores(maps, alpha), axis=0)]
+
+
+def test_psa_format_is_read_by_psas_random_walk_and_by_ours(toy_root, classifier_ckpt, tmp_path, capsys):
+    npz_dir, psa_dir = tmp_path / "npz", tmp_path / "psa"
+    assert _cams(toy_root, classifier_ckpt, npz_dir) == 0
+    assert _cams(toy_root, classifier_ckpt, psa_dir, "--format", "psa") == 0
+    layout = VOCLayout(toy_root)
+    ids = layout.read_ids("train")
+    assert sorted(p.name for p in psa_dir.iterdir()) == sorted([*(f"{i}.npy" for i in ids), RECORD_FILE])
+    labels = ImageLabels(layout)
+    for image_id in ids:
+        cam_dict = np.load(psa_dir / f"{image_id}.npy", allow_pickle=True).item()  # infer_aff.py's read
+        size = read_image(layout.image_path(image_id)).shape[:2]
+        assert type(cam_dict) is dict
+        assert [type(key) for key in cam_dict] == [int] * len(cam_dict)
+        assert list(cam_dict) == (np.flatnonzero(labels(image_id))).tolist()  # 0-based, as PSA's label vector indexes them
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == size for v in cam_dict.values())
+        # the npz run's maps, float16: the same maps up to float16 rounding (half a unit in the last place at [0.5, 1])
+        reference, classes = read_cams(npz_dir / f"{image_id}.npz")
+        maps, read_classes = read_cams(psa_dir / f"{image_id}.npy")
+        np.testing.assert_array_equal(read_classes, classes)
+        np.testing.assert_allclose(maps, reference.astype(np.float32), rtol=0, atol=2.0 ** -12)
+        # PSA's labels from our file (alpha 16, its default) are those its rule gives on the maps we
+        # read back, and on the npz run's maps wherever the two best scores are further apart than
+        # float16 rounding can move them
+        got = psa_labels(cam_dict, size, alpha=16)
+        np.testing.assert_array_equal(got, background_power_labels(maps, classes, 16))
+        reference_scores = background_power_scores(reference.astype(np.float32), 16)
+        top_two = np.sort(reference_scores, axis=0)[-2:]
+        clear = top_two[1] - top_two[0] > 17 * 2.0 ** -12  # a class score moves by the rounding, (1 - m) ** 16 up to 16x as far
+        np.testing.assert_array_equal(got[clear], background_power_labels(reference.astype(np.float32), classes, 16)[clear])
+        assert clear.mean() > 0.9
+    capsys.readouterr()
+    assert cli(["pseudo-labels", "--data-root", str(toy_root), "--cams", str(psa_dir), "--out", str(tmp_path / "labels"), "--split", "train", "--workers", "1"]) == 0
+    assert f"{len(ids)} written" in capsys.readouterr().out
+    assert cli(["eval-cams", "--cams", str(psa_dir), "--gt", str(layout.mask_dir), "--list", str(layout.list_path("train")), "--thresholds", "0.3", "--workers", "1"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("output_format", ["irn", "psa"])
+def test_npy_formats_have_no_place_for_per_layer_maps(toy_root, classifier_ckpt, tmp_path, capsys, output_format):
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--format", output_format, "--save-layers") == 2
+    err = capsys.readouterr().err
+    assert "--save-layers" in err and output_format in err
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("output_format", ["npz", "irn"])
+@pytest.mark.parametrize("output_format", ["npz", "irn", "psa"])
 def test_cams_resume_skips_finished_files_and_overwrite_recomputes(toy_root, classifier_ckpt, tmp_path, capsys, output_format):
     out = tmp_path / "cams"
-    suffix = {"npz": ".npz", "irn": ".npy"}[output_format]
-    if output_format == "irn":  # another format's files are another run's: refused, not counted as done
+    suffix = {"npz": ".npz", "irn": ".npy", "psa": ".npy"}[output_format]
+    if output_format != "npz":  # another format's files are another run's: refused, not counted as done
         assert _cams(toy_root, classifier_ckpt, tmp_path / "npz") == 0
         capsys.readouterr()
         assert _cams(toy_root, classifier_ckpt, tmp_path / "npz", "--format", output_format) == 2
-        assert "format: 'npz' -> 'irn'" in capsys.readouterr().err
+        assert f"format: 'npz' -> '{output_format}'" in capsys.readouterr().err
     capsys.readouterr()
     assert _cams(toy_root, classifier_ckpt, out, "--format", output_format) == 0
     assert "0 already complete" in capsys.readouterr().out
     files = sorted(out.glob(f"*{suffix}"))
     # Simulate an interrupted run: one file missing, one cut in half, one without its maps (as a
-    # crash before rename can't leave, but a copy from elsewhere might).
+    # crash before rename can't leave, but a copy from elsewhere might; for PSA, an IRN file).
     files[0].unlink()
     files[1].write_bytes(files[1].read_bytes()[: files[1].stat().st_size // 2])
-    if output_format == "irn":
-        np.save(files[2], {"keys": np.zeros(0, np.int64)}, allow_pickle=True)
+    if output_format == "irn":  # what this project wrote before it added IRN's stride-4 cam
+        maps, classes = read_cams(files[2])
+        np.save(files[2], {"keys": classes - 1, "high_res": maps}, allow_pickle=True)
+    elif output_format == "psa":
+        maps, classes = read_cams(files[2])
+        write_irn_cams(files[2], classes - 1, maps)
     else:
         np.savez(files[2], classes=np.zeros(0, np.int64))
     kept = {p: p.stat().st_mtime_ns for p in files[3:]}
@@ -165,12 +296,25 @@ def test_cams_refuses_wrong_checkpoint_and_unknown_layer(toy_root, classifier_ck
     assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--scaled", "stage1") == 2
 
 
-def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path):
-    table = {image_id: np.zeros(20, np.float32) for image_id in VOCLayout(toy_root).read_ids("train")}
+def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path, capsys):
+    layout = VOCLayout(toy_root)
+    table = {image_id: np.zeros(20, np.float32) for image_id in layout.read_ids("train")}
     np.save(tmp_path / "labels.npy", table, allow_pickle=True)
     assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--labels", str(tmp_path / "labels.npy")) == 0
     with np.load(next((tmp_path / "o").glob("*.npz"))) as data:
         assert data["cams"].shape[0] == 0 and data["classes"].shape == (0,)
+    # PSA: an empty dict, which stores no size; our readers take it from the image
+    assert _cams(toy_root, classifier_ckpt, tmp_path / "psa", "--labels", str(tmp_path / "labels.npy"), "--format", "psa") == 0
+    path = next((tmp_path / "psa").glob("*.npy"))
+    assert np.load(path, allow_pickle=True).item() == {}
+    size = read_image(layout.image_path(path.stem)).shape[:2]
+    maps, classes = read_cams(path, image_size=size)
+    assert maps.shape == (0, *size) and classes.shape == (0,)
+    capsys.readouterr()
+    assert cli(["pseudo-labels", "--data-root", str(toy_root), "--cams", str(tmp_path / "psa"), "--out", str(tmp_path / "labels"),
+                "--split", "train", "--workers", "1"]) == 0
+    assert f"{len(table)} written" in capsys.readouterr().out
+    assert all(not read_label_png(p).any() for p in (tmp_path / "labels").glob("*.png"))  # all background
 
 
 def test_predict_needs_gradients_even_under_inference_mode(classifier_ckpt):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wsss.data.voc import ImageLabels, VOCLayout
@@ -102,9 +103,11 @@ def test_irn_cams_are_written_atomically_in_irns_layout(tmp_path, monkeypatch):
     path = tmp_path / "2007_000032.npy"
     write_irn_cams(path, np.array([4, 14]), np.full((2, 3, 5), 0.25))
     saved = np.load(path, allow_pickle=True).item()
-    assert sorted(saved) == ["high_res", "keys"]
-    assert saved["keys"].dtype == np.int64 and saved["keys"].tolist() == [4, 14]
-    assert saved["high_res"].dtype == np.float32 and saved["high_res"].shape == (2, 3, 5)
+    assert sorted(saved) == ["cam", "high_res", "keys"]
+    # make_cam.py's types: keys and cam torch tensors, high_res a NumPy array
+    assert isinstance(saved["keys"], torch.Tensor) and saved["keys"].dtype == torch.int64 and saved["keys"].tolist() == [4, 14]
+    assert isinstance(saved["cam"], torch.Tensor) and saved["cam"].dtype == torch.float32 and saved["cam"].shape == (2, 1, 2)
+    assert isinstance(saved["high_res"], np.ndarray) and saved["high_res"].dtype == np.float32 and saved["high_res"].shape == (2, 3, 5)
     before = path.read_bytes()
 
     def save_half_then_fail(file, *args, **kwargs):

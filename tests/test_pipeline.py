@@ -207,6 +207,39 @@ def test_ignore_band_is_checked_against_the_threshold_that_will_be_used():
         PseudoConfig(threshold_from_seeds=True, ignore_below=0.0)
 
 
+def test_png_mode_reaches_the_pseudo_label_and_predict_stages_and_their_hashes(tmp_path, toy_root, monkeypatch):
+    """pseudo.png_mode / predict.png_mode go to the stage calls; a changed mode changes the step's
+    hash, so `wsss run` starts that step afresh instead of keeping PNGs of the other mode."""
+    import wsss.stages.predict
+    import wsss.stages.pseudo_labels
+    from wsss.errors import ConfigError
+    from wsss.pipeline import load_config
+    from wsss.pipeline.manifest import digest
+    from wsss.pipeline.steps import STEP_BY_NAME, Run, hashed_payload, predict_step, pseudo_labels_step
+    from wsss.stages.pseudo_labels import PseudoLabelSummary
+
+    calls = []
+    monkeypatch.setattr(wsss.stages.pseudo_labels, "make_pseudo_labels",
+                        lambda *args, options, **kwargs: calls.append(("pseudo", options.png_mode)) or PseudoLabelSummary())
+    monkeypatch.setattr(wsss.stages.predict, "predict_segmentation", lambda *args, **kwargs: calls.append(("predict", args[3].png_mode)))
+    hashes = {}
+    for mode in ("palette", "gray"):
+        config = load_config(tiny_config(tmp_path / f"{mode}.yaml", toy_root, tmp_path / "out",
+                                         pseudo={"png_mode": mode}, predict={"png_mode": mode}))
+        assert config.to_dict()["pseudo"]["png_mode"] == config.to_dict()["predict"]["png_mode"] == mode
+        run = Run(config, tmp_path / "out", toy_root, quiet=True)
+        calls.clear()
+        pseudo_labels_step(run)
+        predict_step(run)
+        assert set(calls) == {("pseudo", mode), ("predict", mode)}
+        hashes[mode] = {name: digest(hashed_payload(STEP_BY_NAME[name], run, {"cams": "c", "eval-cams": "e", "segmenter": "s"}))
+                        for name in ("pseudo-labels", "predict")}
+    assert all(hashes["palette"][name] != hashes["gray"][name] for name in hashes["gray"])
+    for section in ("pseudo", "predict"):
+        with pytest.raises(ConfigError, match=f"{section}.png_mode 'grey' unknown; choose from palette, gray"):
+            load_config(tiny_config(tmp_path / "bad.yaml", toy_root, tmp_path / "out", **{section: {"png_mode": "grey"}}))
+
+
 def test_unknown_key_lists_valid_keys(tmp_path, toy_root, capsys):
     config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", segmentr={"x": 1})
     assert cli_main(["run", "-c", str(config)]) == 2

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import torch
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 from test_io import save_npy_protocol2
 
@@ -114,6 +115,53 @@ def test_irn_npy_gives_the_same_pngs_as_npz(layout, cam_dir, tmp_path):
     assert run(["--data-root", layout.root, "--cams", npy_dir, "--out", out_npy, "--split", listfile, "--workers", 2]) == 0
     for image_id in ids:
         np.testing.assert_array_equal(read_label_png(out_npz / f"{image_id}.png"), read_label_png(out_npy / f"{image_id}.png"))
+
+
+def test_gray_and_palette_pngs_hold_the_same_indices_but_only_gray_reads_as_them_everywhere(layout, cam_dir, tmp_path, capsys):
+    """--png-mode gray writes 8-bit grayscale PNGs: PIL, imageio (IRN's and PSA's reader) and cv2
+    all return their indices. A palette PNG holds the same indices, which PIL returns, but imageio
+    returns its palette colours and cv2's grayscale read their luminance."""
+    imageio = pytest.importorskip("imageio.v2")
+    ids = layout.read_ids("train")
+    palette_dir, gray_dir = tmp_path / "palette", tmp_path / "gray"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", palette_dir, "--split", "train", "--workers", 1]) == 0
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", gray_dir, "--split", "train", "--workers", 1, "--png-mode", "gray"]) == 0
+    try:
+        import cv2  # with the dev extra (grad-cam needs it); the rest of the test does not
+    except ImportError:
+        cv2 = None
+    for image_id in ids:
+        palette_png, gray_png = palette_dir / f"{image_id}.png", gray_dir / f"{image_id}.png"
+        with Image.open(palette_png) as palette_image, Image.open(gray_png) as gray_image:
+            assert (palette_image.mode, gray_image.mode) == ("P", "L")
+            indices = np.asarray(palette_image)
+            np.testing.assert_array_equal(np.asarray(gray_image), indices)  # PIL: the same indices
+            colours = np.asarray(palette_image.convert("RGB"))  # the palette's colours, by PIL's own lookup
+        assert indices.any(), "a label map without any class shows nothing"
+        np.testing.assert_array_equal(read_label_png(palette_png), indices)
+        np.testing.assert_array_equal(read_label_png(gray_png), indices)
+        np.testing.assert_array_equal(imageio.imread(gray_png), indices)
+        from_palette = imageio.imread(palette_png)
+        assert from_palette.shape == (*indices.shape, 3)  # imageio: colours, not labels
+        np.testing.assert_array_equal(from_palette, colours)
+        if cv2 is not None:
+            np.testing.assert_array_equal(cv2.imread(str(gray_png), cv2.IMREAD_GRAYSCALE), indices)
+            luminance = cv2.imread(str(palette_png), cv2.IMREAD_GRAYSCALE)
+            assert (luminance[indices > 0] != indices[indices > 0]).any()
+    capsys.readouterr()
+
+    # A PNG of the other mode is another run's: asking for gray in the palette folder is refused,
+    # --overwrite redoes it all, a second gray run keeps everything.
+    common = ["--data-root", layout.root, "--cams", cam_dir, "--out", palette_dir, "--split", "train", "--workers", 1, "--png-mode", "gray"]
+    assert run(common) == 2
+    assert "png_mode: 'palette' -> 'gray'" in capsys.readouterr().err
+    for extra, written in ((["--overwrite"], len(ids)), ([], 0)):
+        assert run([*common, *extra]) == 0
+        assert f"{written} written, {len(ids) - written} skipped" in capsys.readouterr().out
+        assert {Image.open(p).mode for p in palette_dir.glob("*.png")} == {"L"}
+    with pytest.raises(SystemExit):
+        run(["--data-root", layout.root, "--cams", cam_dir, "--out", gray_dir, "--split", "train", "--png-mode", "grey"])
+    assert "--png-mode" in capsys.readouterr().err
 
 
 def test_key_selects_another_array(layout, cam_dir, tmp_path):
@@ -266,6 +314,99 @@ def test_irn_file_with_background_channel_is_refused(tmp_path):
     np.save(path, {"keys": np.array([20]), "high_res": np.zeros((1, 5, 5), np.float32)})
     with pytest.raises(DataError, match="0-based"):
         read_cams(path)
+
+
+def test_psa_file_written_by_psas_own_code_is_read(layout, cam_dir, tmp_path):
+    """A dict as PSA's infer_cls.py builds it (keys from range(20), maps of the image's classes) is
+    read as the same maps and classes as the npz it came from, and gives the same pseudo-labels."""
+    ids = layout.read_ids("train")[:4]
+    listfile = tmp_path / "ids.txt"
+    listfile.write_text("\n".join(ids) + "\n")
+    psa_dir = tmp_path / "psa"
+    psa_dir.mkdir()
+    for image_id in ids:
+        cams, classes = read_cams(cam_dir / f"{image_id}.npz")
+        label = np.zeros(20)
+        label[classes - 1] = 1
+        by_class = dict(zip(classes - 1, cams.astype(np.float32)))
+        cam_dict = {i: by_class[i] for i in range(20) if label[i] > 1e-5}
+        np.save(psa_dir / f"{image_id}.npy", cam_dict)
+        maps, read_classes = read_cams(psa_dir / f"{image_id}.npy")
+        np.testing.assert_array_equal(read_classes, classes)
+        np.testing.assert_array_equal(maps, cams.astype(np.float32))
+    out_npz, out_psa = tmp_path / "a", tmp_path / "b"
+    assert run(["--data-root", layout.root, "--cams", cam_dir, "--out", out_npz, "--split", listfile, "--workers", 1]) == 0
+    assert run(["--data-root", layout.root, "--cams", psa_dir, "--out", out_psa, "--split", listfile, "--workers", 1]) == 0
+    for image_id in ids:
+        np.testing.assert_array_equal(read_label_png(out_npz / f"{image_id}.png"), read_label_png(out_psa / f"{image_id}.png"))
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("float key", "keys must be integer class indices"),
+        ("bool key", "keys must be integer class indices"),
+        ("string and integer keys", "mixes string keys"),
+        ("class index 20", "must be in 0..19"),
+        ("class index -1", "must be in 0..19"),
+        ("maps of two sizes", "differ in shape"),
+        ("map a list", "must be a 2-D floating point NumPy array"),
+        ("map a torch tensor", "must be a 2-D floating point NumPy array"),
+        ("map (1, H, W)", "must be a 2-D floating point NumPy array"),
+        ("integer map", "must be a 2-D floating point NumPy array"),
+        ("values above 1", "must lie in [0, 1]"),
+        ("NaN", "NaN or Inf"),
+        ("map a size short", "spatial shape"),
+        ("not a dict", "expected a CAM dict"),
+    ],
+)
+def test_psa_file_with_bad_keys_or_maps_fails_naming_it(layout, tmp_path, problem, expected):
+    image_path = layout.image_path(layout.read_ids("train")[0])
+    height, width = read_image(image_path).shape[:2]
+    good = np.full((height, width), 0.5, np.float32)
+    cam_dict = {2: good, 7: good.copy()}
+    if problem == "float key":
+        cam_dict = {2.0: good}
+    elif problem == "bool key":
+        cam_dict = {True: good}
+    elif problem == "string and integer keys":
+        cam_dict["keys"] = np.array([2, 7])
+    elif problem == "class index 20":
+        cam_dict[20] = good
+    elif problem == "class index -1":
+        cam_dict[-1] = good
+    elif problem == "maps of two sizes":
+        cam_dict[7] = good[:-1]
+    elif problem == "map a list":
+        cam_dict[7] = good.tolist()
+    elif problem == "map a torch tensor":
+        cam_dict[7] = torch.from_numpy(good)
+    elif problem == "map (1, H, W)":
+        cam_dict = {2: good[None]}
+    elif problem == "integer map":
+        cam_dict[7] = (good * 255).astype(np.uint8)
+    elif problem == "values above 1":
+        cam_dict[7] = good * 3
+    elif problem == "NaN":
+        cam_dict[7] = good.copy()
+        cam_dict[7][3, 4] = np.nan
+    elif problem == "map a size short":
+        cam_dict = {2: good[:, :-1], 7: good[:, :-1]}
+    elif problem == "not a dict":
+        cam_dict = [good]
+    path = tmp_path / "psa.npy"
+    np.save(path, np.array(cam_dict, dtype=object) if problem == "not a dict" else cam_dict, allow_pickle=True)
+    with pytest.raises(DataError) as error:
+        make_pseudo_label(image_path, path, None)
+    assert str(path) in str(error.value) and expected in str(error.value)
+
+
+def test_psa_file_takes_no_key(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, {4: np.zeros((5, 5), np.float32)})
+    assert read_cams(path)[1].tolist() == [5]
+    with pytest.raises(DataError, match="no named arrays"):
+        read_cams(path, key="stage3")
 
 
 def test_crash_while_writing_leaves_no_partial_file(layout, cam_dir, tmp_path, monkeypatch):

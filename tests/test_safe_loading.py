@@ -79,7 +79,7 @@ def test_crafted_files_do_run_code_when_unpickled_naively(tmp_path):
 CASES = ["cams --checkpoint", "cams --labels", "cams --labels protocol 2", "train-cls --model.weights", "train-cls --data.labels",
          "train-cls --ckpt_path", "train-seg --model.weights", "train-seg --model.weights classifier:",
          "train-seg --ckpt_path", "train-seg --ckpt_path last", "predict-seg --checkpoint", "pseudo-labels IRN <id>.npy",
-         "pseudo-labels IRN <id>.npy tensor storage"]
+         "pseudo-labels IRN <id>.npy tensor storage", "pseudo-labels PSA <id>.npy"]
 
 
 def command_with_crafted_file(case: str, toy_root: Path, tmp: Path, marker: Path) -> tuple[list[str], Path]:
@@ -114,19 +114,25 @@ def command_with_crafted_file(case: str, toy_root: Path, tmp: Path, marker: Path
     if command == "predict-seg":
         return ["predict-seg", "--checkpoint", str(evil_ckpt), "--data-root", str(toy_root), "--out", str(tmp / "out"),
                 "--accelerator", "cpu", "--num-workers", "0"], evil_ckpt
+    layout = VOCLayout(toy_root)
+    cam_dir = tmp / "cams"
+    cam_dir.mkdir()
+    (tmp / "ids.txt").write_text("\n".join(train_ids[:2]) + "\n")
+    pseudo_labels = ["pseudo-labels", "--data-root", str(toy_root), "--cams", str(cam_dir), "--out", str(tmp / "out"),
+                     "--split", str(tmp / "ids.txt"), "--workers", "1"]
+    if option.startswith("PSA"):  # a PSA CAM folder ({class index: map} dicts) whose second file's map is the payload
+        size = read_image(layout.image_path(train_ids[0])).shape[:2]
+        np.save(cam_dir / f"{train_ids[0]}.npy", {0: np.zeros(size, np.float32)}, allow_pickle=True)
+        np.save(cam_dir / f"{train_ids[1]}.npy", {0: CreatesMarker(marker)}, allow_pickle=True)
+        return pseudo_labels, cam_dir / f"{train_ids[1]}.npy"
     # pseudo-labels: an IRN-style CAM folder (<id>.npy dicts, keys a torch tensor as make_cam.py
     # writes them) in which one file carries the payload, as an object or as a tensor's storage
-    layout = VOCLayout(toy_root)
-    cam_dir = tmp / "irn_cams"
-    cam_dir.mkdir()
     for image_id in train_ids[:2]:
         size = read_image(layout.image_path(image_id)).shape[:2]
         np.save(cam_dir / f"{image_id}.npy", {"keys": torch.tensor([0]), "high_res": np.zeros((1, *size), np.float32)}, allow_pickle=True)
     payload = StorageCreatesMarker if option.endswith("tensor storage") else CreatesMarker
     evil = craft_npy(cam_dir / f"{train_ids[1]}.npy", marker, payload, keys=torch.tensor([0]), high_res=np.zeros((1, *size), np.float32))
-    (tmp / "ids.txt").write_text("\n".join(train_ids[:2]) + "\n")
-    return ["pseudo-labels", "--data-root", str(toy_root), "--cams", str(cam_dir), "--out", str(tmp / "out"),
-            "--split", str(tmp / "ids.txt"), "--workers", "1"], evil
+    return pseudo_labels, evil
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -243,6 +243,31 @@ def test_predict_seg_writes_one_png_per_val_image(trained, toy_root, tmp_path):
     assert (out / f"{val_ids[0]}.png").stat().st_mtime_ns == stamp
 
 
+def test_predict_seg_png_mode_gray_writes_the_same_indices_and_redoes_palette_pngs(trained, toy_root, tmp_path, capsys):
+    from PIL import Image
+
+    out, split = tmp_path / "pred", str(val_list(toy_root, tmp_path))
+    checkpoint = trained / "ckpt" / "best.ckpt"
+    assert wsss_main(predict_args(checkpoint, toy_root, out, "--split", split)) == 0
+    ids = VOCLayout(toy_root).read_ids(split)
+    palette = {i: np.asarray(Image.open(out / f"{i}.png")) for i in ids}
+    assert {Image.open(out / f"{i}.png").mode for i in ids} == {"P"}
+    capsys.readouterr()
+    # A palette PNG is not a gray one: refused, all redone with --overwrite, then kept by a second gray run.
+    assert wsss_main(predict_args(checkpoint, toy_root, out, "--split", split, "--png-mode", "gray")) == 2
+    assert "png_mode: 'palette' -> 'gray'" in capsys.readouterr().err
+    assert wsss_main(predict_args(checkpoint, toy_root, out, "--split", split, "--png-mode", "gray", "--overwrite")) == 0
+    assert f"{len(ids)} label PNGs written, 0 already" in capsys.readouterr().out
+    for image_id in ids:
+        with Image.open(out / f"{image_id}.png") as image:
+            assert image.mode == "L"
+            np.testing.assert_array_equal(np.asarray(image), palette[image_id])
+    stamps = {i: (out / f"{i}.png").stat().st_mtime_ns for i in ids}
+    assert wsss_main(predict_args(checkpoint, toy_root, out, "--split", split, "--png-mode", "gray")) == 0
+    assert f"0 label PNGs written, {len(ids)} already" in capsys.readouterr().out
+    assert {i: (out / f"{i}.png").stat().st_mtime_ns for i in ids} == stamps
+
+
 def test_evaluator_matches_the_validation_loop(trained, toy_root, tmp_path):
     import pytorch_lightning as pl
 

@@ -1,19 +1,24 @@
 """CAM files, one per image: written by ``wsss cams``, read by ``pseudo-labels``, ``eval-cams`` and the report.
 
-Two layouts, looked up as ``CAMDIR/<id>.npz`` first, then ``CAMDIR/<id>.npy``:
+Three layouts, looked up as ``CAMDIR/<id>.npz`` first, then ``CAMDIR/<id>.npy``:
 
 - ``.npz`` (ours): ``classes`` (K,) integers, the VOC label values 1..20, and ``cams`` (K, H, W)
   floating point in [0, 1] at the image size (``wsss cams`` writes float16, fused across layers).
   With ``--save-layers`` also one normalised (K, H, W) map per layer, stored under the layer's name
   (``stage3``, ...); any of them can be read instead of ``cams`` (``key``), and ``stage4+stage5``
   reads the element-wise maximum of those saved layers.
-- ``.npy`` (IRN's ``make_cam.py``, or ``wsss cams --format irn``): a pickled dict with ``keys`` (K,)
-  the *0-based foreground* class indices (label value - 1, no background entry) and ``high_res``
-  (K, H, W) maps in [0, 1] at the image size; ``cam`` is used when ``high_res`` is absent, and must
-  then be at the image size too (IRN's own ``cam`` is at stride 4, so it is refused as the wrong
-  size by the stages). Files whose maps carry a background channel (K + 1 maps, as IRN's
-  evaluation pads them in memory) are refused. Decoding is :mod:`wsss.formats.irn`'s.
+- ``.npy`` holding a dict with string keys: IRN's ``make_cam.py`` layout (also ``wsss cams --format
+  irn``, :mod:`wsss.formats.irn`): ``keys`` (K,) the *0-based foreground* class indices (label
+  value - 1, no background entry), ``high_res`` (K, H, W) maps in [0, 1] at the image size, and
+  ``cam``, the maps on IRN's stride-4 grid. ``high_res`` is read; ``cam`` only when ``high_res`` is
+  absent, and must then be at the image size too (a stride-4 ``cam`` is refused as the wrong size
+  by the stages). Files whose maps carry a background channel (K + 1 maps, as IRN's evaluation
+  pads them in memory) are refused.
+- ``.npy`` holding a dict with integer keys (or none): PSA's ``infer_cls.py`` layout (also ``wsss
+  cams --format psa``, :mod:`wsss.formats.psa`): ``{0-based class index: (H, W) map in [0, 1]}``.
 
+The two ``.npy`` layouts are told apart by their keys, never by the folder or a flag: IRN's are the
+strings ``keys``/``cam``/``high_res``, PSA's are class numbers; a dict mixing the two is refused.
 Every read validates (shape, dtype, finite, [0, 1], classes 1..20 and distinct) and raises a
 DataError naming the file: a bad file is never a silently wrong label.
 """
@@ -28,12 +33,12 @@ import numpy as np
 
 from wsss.classes import NUM_CLASSES
 from wsss.errors import DataError
-from wsss.formats import irn
+from wsss.formats import irn, psa
 from wsss.io import atomic_path
 
 NPZ_KEYS = ("classes", "cams")  # what a complete .npz holds
-SUFFIX_OF_FORMAT = {"npz": ".npz", "irn": ".npy"}  # ``wsss cams --format`` -> file suffix
-SUFFIXES = tuple(SUFFIX_OF_FORMAT.values())  # lookup order: .npz wins
+SUFFIX_OF_FORMAT = {"npz": ".npz", "irn": ".npy", "psa": ".npy"}  # ``wsss cams --format`` -> file suffix
+SUFFIXES = tuple(dict.fromkeys(SUFFIX_OF_FORMAT.values()))  # lookup order: .npz wins
 FUSE_SEPARATOR = "+"  # ``key="stage4+stage5"``: the element-wise maximum of saved per-layer maps
 
 
@@ -51,11 +56,15 @@ def write_cams(path: str | Path, classes: np.ndarray, cams: np.ndarray, **layer_
         np.savez(tmp, classes=classes, cams=cams, **layer_maps)
 
 
-def write_cam_file(path: Path, classes: np.ndarray, cams: np.ndarray, layer_maps: dict[str, np.ndarray] | None = None) -> None:
-    """One image's maps in the layout ``path``'s suffix names: ``.npz`` (``cams`` stored as float16,
-    with ``layer_maps``) or IRN's ``.npy`` (float32, 0-based keys, no room for per-layer maps)."""
-    if path.suffix == SUFFIX_OF_FORMAT["irn"]:
+def write_cam_file(path: Path, output_format: str, classes: np.ndarray, cams: np.ndarray,
+                   layer_maps: dict[str, np.ndarray] | None = None) -> None:
+    """One image's maps in the layout of ``output_format``: ``npz`` (``cams`` stored as float16, with
+    ``layer_maps``), ``irn`` or ``psa`` (float32 maps, 0-based class indices, no room for per-layer
+    maps). ``classes`` are label values 1..20."""
+    if output_format == "irn":
         irn.write_irn_cams(path, classes - 1, cams)
+    elif output_format == "psa":
+        psa.write_psa_cams(path, classes - 1, cams)
     else:
         write_cams(path, classes, cams.astype(np.float16), **(layer_maps or {}))
 
@@ -95,17 +104,20 @@ def list_cam_ids(cam_dir: Path) -> list[str]:
 
 
 def cam_files_in(cam_dir: Path) -> list[Path]:
-    """Every CAM file (either layout) in ``cam_dir``; none when it does not exist."""
+    """Every CAM file (any layout) in ``cam_dir``; none when it does not exist."""
     if not cam_dir.is_dir():
         return []
     return [Path(entry.path) for entry in os.scandir(cam_dir) if entry.name.endswith(SUFFIXES) and not entry.name.startswith(".")]
 
 
-def is_complete(path: Path) -> bool:
-    """True when ``path`` is a complete CAM file of its suffix's layout (the test for "already done"
-    when ``wsss cams`` resumes); its values are not checked."""
-    if path.suffix == SUFFIX_OF_FORMAT["irn"]:
+def is_complete(path: Path, output_format: str = "npz") -> bool:
+    """True when ``path`` is a complete CAM file of ``output_format``'s layout (the test for "already
+    done" when ``wsss cams`` resumes; an IRN file is not a complete PSA one, nor the reverse); its
+    values are not checked."""
+    if output_format == "irn":
         return irn.is_complete_irn_cams(path)
+    if output_format == "psa":
+        return psa.is_complete_psa_cams(path)
     try:
         with np.load(path) as data:
             return all(key in data.files for key in NPZ_KEYS)
@@ -174,8 +186,22 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]
     return np.maximum.reduce(checked), classes, name
 
 
-def _read_irn(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    data = irn.read_irn_cam_dict(path)
+def npy_layout(path: Path, data: Any) -> str:
+    """``"irn"`` or ``"psa"``: which layout the loaded ``.npy`` object ``data`` is in, from its keys
+    (IRN's are strings, PSA's class indices; an empty dict is PSA's image without classes)."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a CAM dict (IRN's with 'keys' and 'high_res', or PSA's class index -> map), got {type(data).__name__}")
+    named = [key for key in data if isinstance(key, str)]
+    if not named:
+        return "psa"
+    if len(named) < len(data):
+        others = [key for key in data if not isinstance(key, str)]
+        raise DataError(f"{path}: the dict mixes string keys {named[:5]} (IRN's layout) with others {others[:5]!r} (PSA's class indices)")
+    return "irn"
+
+
+def _read_irn(path: Path, data: dict, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    data = irn.irn_cam_arrays(data)
     name = key or ("cam" if "high_res" not in data and "cam" in data else "high_res")
     absent = [k for k in ("keys", name) if k not in data]
     if absent:
@@ -190,14 +216,26 @@ def _read_irn(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]
     return maps, classes, name
 
 
-def read_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate one CAM file of either layout (see the module docstring).
+def _read_psa(path: Path, data: dict, key: str | None, image_size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, str]:
+    if key is not None:
+        raise DataError(f"{path}: a PSA CAM file holds one map per class and no named arrays; key {key!r} does not apply")
+    indices, maps = psa.psa_class_maps(path, data)
+    if maps is None:  # no classes, so no map to take the size from
+        maps = np.zeros((0, *(image_size or (0, 0))), np.float32)
+    return maps, _check_classes(path, "class indices", indices, offset=1), "maps"
+
+
+def read_cams(path: str | Path, key: str | None = None, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate one CAM file of any layout (see the module docstring).
 
     Args:
-        path: ``<id>.npz`` or IRN-style ``<id>.npy``.
-        key: array holding the maps; default ``cams`` (npz) or ``high_res``/``cam`` (npy). A
+        path: ``<id>.npz``, or ``<id>.npy`` in IRN's or PSA's layout.
+        key: array holding the maps; default ``cams`` (npz) or ``high_res``/``cam`` (IRN). A
             per-layer array (e.g. ``stage3``) must have the same (K, H, W) layout in [0, 1];
             ``stage4+stage5`` fuses saved per-layer arrays by element-wise maximum (npz only).
+            PSA files have no named arrays: a key is refused.
+        image_size: the image's (H, W), used only for a PSA file without classes (an empty dict
+            stores no size): its maps are then (0, H, W), else (0, 0, 0).
 
     Returns:
         ``(cams, classes)``: (K, H, W) float maps in [0, 1] and the (K,) int64 label values 1..20.
@@ -209,7 +247,11 @@ def read_cams(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.
     if path.suffix == ".npz":
         maps, classes, name = _read_npz(path, key)
     elif path.suffix == ".npy":
-        maps, classes, name = _read_irn(path, key)
+        data = irn.load_pickled_npy(path)
+        if npy_layout(path, data) == "psa":
+            maps, classes, name = _read_psa(path, data, key, image_size)
+        else:
+            maps, classes, name = _read_irn(path, data, key)
     else:
         raise DataError(f"{path}: CAM files must be .npz or .npy")
     return _check_maps(path, name, maps, classes), classes

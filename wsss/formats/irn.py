@@ -2,9 +2,11 @@
 
 - CAM files of ``step/make_cam.py``: ``np.save`` of a dict ``{"keys": 0-based class indices,
   "cam": stride-4 maps, "high_res": maps at the image size}``; IRN stores ``keys`` and ``cam`` as
-  torch tensors. :func:`write_irn_cams` writes the layout (``keys`` int64, ``high_res`` float32);
-  :func:`read_irn_cam_dict` reads any such file, tensors as NumPy arrays.
-  :func:`wsss.formats.cams.read_cams` validates the maps.
+  torch tensors, ``high_res`` as a NumPy array. :func:`write_irn_cams` writes exactly that, with
+  types (``keys`` int64 tensor, ``cam`` float32 tensor from :func:`strided_cam`, ``high_res``
+  float32 array), so ``step/cam_to_ir_label.py`` (``high_res``) and ``step/make_sem_seg_labels.py``
+  (``cam``, moved to the GPU) read it as they read IRN's own; :func:`irn_cam_arrays` gives any such
+  dict's entries as NumPy arrays, and :func:`wsss.formats.cams.read_cams` validates the maps.
 - ``cls_labels.npy``: a dict image id -> float[20] (IRN's ids are integers: 2007_000032 -> 2007000032),
   pickled with protocol 2 by NumPy < 1.17 (:func:`read_label_table`).
 
@@ -24,7 +26,8 @@ from wsss.errors import DataError
 from wsss.formats.torch_files import refused_global
 from wsss.io import atomic_path
 
-CAM_KEYS = ("keys", "high_res")  # what a complete CAM file of ours holds
+CAM_KEYS = ("keys", "cam", "high_res")  # what a complete CAM file of ours holds
+STRIDE = 4  # ``cam``'s grid: IRN's stride-4 feature maps, ((H - 1) // 4 + 1, (W - 1) // 4 + 1) cells
 
 
 def _latin1_bytes(text, encoding):
@@ -123,17 +126,16 @@ def _tensor_as_numpy(value: Any) -> Any:
     return value.numpy()
 
 
-def read_irn_cam_dict(path: str | Path) -> dict[str, Any]:
-    """The dict of an IRN ``make_cam.py`` file, torch tensors converted to NumPy arrays (contents
+def irn_cam_arrays(data: dict[str, Any]) -> dict[str, Any]:
+    """An IRN ``make_cam.py`` dict (as loaded) with torch tensors converted to NumPy arrays (contents
     not checked: :func:`wsss.formats.cams.read_cams` does that)."""
-    data = load_pickled_npy(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an IRN-style dict with 'keys' and 'high_res', got {type(data).__name__}")
     return {key: _tensor_as_numpy(value) for key, value in data.items()}
 
 
 def is_complete_irn_cams(path: Path) -> bool:
-    """True when ``path`` is a complete IRN CAM file holding ``keys`` and ``high_res`` (resume test)."""
+    """True when ``path`` is a complete IRN CAM file holding ``keys``, ``cam`` and ``high_res``
+    (resume test: a file without ``cam``, as this project wrote before, is redone, since IRN's
+    make_sem_seg_labels.py needs it)."""
     try:
         value = load_pickled_npy(path)
     except DataError:
@@ -141,11 +143,49 @@ def is_complete_irn_cams(path: Path) -> bool:
     return isinstance(value, dict) and all(key in value for key in CAM_KEYS)
 
 
+def strided_size(height: int, width: int) -> tuple[int, int]:
+    """IRN's ``get_strided_size(size, 4)``: the cells of the stride-4 grid over an H x W image."""
+    return (height - 1) // STRIDE + 1, (width - 1) // STRIDE + 1
+
+
+def strided_cam(high_res: np.ndarray) -> np.ndarray:
+    """``high_res`` (K, H, W) on IRN's stride-4 grid, as ``make_cam.py``'s ``cam``: (K, h, w) float32
+    with h, w = :func:`strided_size`, each class map divided by its maximum (so 1 at its peak; an
+    all-zero map stays 0).
+
+    Cell (i, j) is the mean of the image pixels [4i, 4i + 4) x [4j, 4j + 4) (the last row and
+    column of cells average the pixels that exist). That is the footprint IRN's reader gives it:
+    make_sem_seg_labels.py upsamples ``cam`` x4 (bilinear, align_corners=False, which puts cell i's
+    centre at pixel 4i + 1.5) and crops to H x W. Sampling every 4th pixel instead would shift the
+    maps by 1.5 pixels and alias; the mean is the area-weighted downsampling.
+    """
+    maps = np.asarray(high_res, dtype=np.float64)
+    count, height, width = maps.shape
+    rows, cols = strided_size(height, width)
+    padded = np.zeros((count, rows * STRIDE, cols * STRIDE))
+    padded[:, :height, :width] = maps
+    sums = padded.reshape(count, rows, STRIDE, cols, STRIDE).sum(axis=(2, 4))
+    pixels_per_row = np.minimum(STRIDE, height - STRIDE * np.arange(rows))
+    pixels_per_col = np.minimum(STRIDE, width - STRIDE * np.arange(cols))
+    means = sums / np.outer(pixels_per_row, pixels_per_col)
+    peaks = means.max(axis=(1, 2), keepdims=True)
+    return np.where(peaks > 0, means / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
+
+
 def write_irn_cams(path: str | Path, keys: np.ndarray, high_res: np.ndarray) -> None:
     """Write one image's maps in IRN's ``make_cam.py`` layout to ``path`` (a ``.npy``), atomically:
-    the pickled dict ``{"keys": (K,) int64 0-based class indices, "high_res": (K, H, W) float32}``,
-    which IRN's later steps read with ``np.load(path, allow_pickle=True).item()``."""
-    cams = {"keys": np.asarray(keys, dtype=np.int64), "high_res": np.asarray(high_res, dtype=np.float32)}
+    the pickled dict ``{"keys": (K,) int64 tensor of 0-based class indices, "cam": (K, h, w) float32
+    tensor (:func:`strided_cam` of ``high_res``), "high_res": (K, H, W) float32 array}``, which IRN's
+    later steps read with ``np.load(path, allow_pickle=True).item()``.
+
+    The values are deterministic, the bytes are not quite: torch pickles a tensor's storage under
+    its memory address, as it does in IRN's own files.
+    """
+    import torch
+
+    high_res = np.asarray(high_res, dtype=np.float32)
+    cams = {"keys": torch.as_tensor(np.asarray(keys, dtype=np.int64)), "cam": torch.from_numpy(strided_cam(high_res)),
+            "high_res": high_res}
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, cams, allow_pickle=True)
 

@@ -1,7 +1,14 @@
 """Label maps as PNGs: GT masks, pseudo-labels and predictions (``<id>.png``).
 
 A label map is an (H, W) uint8 array: 0 background, 1..20 the VOC classes, 255 ignored. Written as
-VOC-palette (mode P) PNGs; read from palette or single-channel PNGs by index (colours ignored).
+VOC-palette (mode P) PNGs, VOC's own format, or as 8-bit grayscale (mode L) PNGs
+(``png_mode="gray"``, as IRN writes its labels); read from palette or single-channel PNGs by index
+(colours ignored).
+
+Both modes hold the same indices, but readers differ: PIL returns a palette PNG's indices, while
+imageio (IRN's and PSA's reader) converts it to its RGB colours and ``cv2.imread`` to BGR (or, with
+``IMREAD_GRAYSCALE``, to the colours' luminance). All of them return a grayscale PNG's values as
+they are.
 """
 from __future__ import annotations
 
@@ -13,11 +20,15 @@ import numpy as np
 from PIL import Image
 
 from wsss.classes import IGNORE_INDEX, NUM_LABELS, voc_palette
-from wsss.errors import DataError
-from wsss.formats.images import decode, open_header
+from wsss.errors import ConfigError, DataError
+from wsss.formats.images import decode, image_info, open_header
 from wsss.io import atomic_path
 
 SUFFIX = ".png"
+PIL_MODE_OF_PNG_MODE = {"palette": "P", "gray": "L"}  # ``--png-mode`` -> the PIL mode written
+PNG_MODES = tuple(PIL_MODE_OF_PNG_MODE)
+PNG_MODE_HELP = ("palette: VOC-palette PNGs (VOC's format; PIL reads the indices); gray: 8-bit grayscale PNGs of the same "
+                 "indices, for readers that decode a palette to colours (imageio, cv2)")
 _ALLOWED = np.zeros(256, dtype=bool)
 _ALLOWED[[*range(NUM_LABELS), IGNORE_INDEX]] = True
 
@@ -56,20 +67,39 @@ def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
     return label_map.astype(np.uint8)
 
 
-def write_label_png(path: str | Path, label_map: np.ndarray) -> None:
-    """Write a (H, W) uint8 label map as a VOC-palette PNG, atomically."""
-    image = Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="P")
-    image.putpalette(voc_palette())
+def check_png_mode(png_mode: str, option: str = "--png-mode") -> None:
+    """ConfigError naming ``option`` unless ``png_mode`` is one of :data:`PNG_MODES`."""
+    if png_mode not in PIL_MODE_OF_PNG_MODE:
+        raise ConfigError(f"{option} {png_mode!r} unknown; choose one of {', '.join(PNG_MODES)}")
+
+
+def write_label_png(path: str | Path, label_map: np.ndarray, png_mode: str = "palette") -> None:
+    """Write a (H, W) uint8 label map atomically, as a VOC-palette PNG (``palette``) or an 8-bit
+    grayscale one (``gray``); the values are the same."""
+    check_png_mode(png_mode, "png_mode")
+    image = Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode=PIL_MODE_OF_PNG_MODE[png_mode])
+    if png_mode == "palette":
+        image.putpalette(voc_palette())
     with atomic_path(path, SUFFIX) as tmp:
         image.save(tmp, format="PNG")
 
 
-def is_valid_label_png(path: Path, size: tuple[int, int] | None = None) -> bool:
-    """True when ``path`` is a complete label PNG with valid values (and ``(H, W)`` == ``size``):
-    the test for "already done" when a stage resumes."""
+def png_mode_of(path: Path) -> str | None:
+    """``palette`` or ``gray``: the mode of the label PNG at ``path``, from its header (None for any
+    other mode); DataError if it is not a readable image."""
+    pil_mode = image_info(path).mode
+    return next((mode for mode, pil in PIL_MODE_OF_PNG_MODE.items() if pil == pil_mode), None)
+
+
+def is_valid_label_png(path: Path, size: tuple[int, int] | None = None, png_mode: str | None = None) -> bool:
+    """True when ``path`` is a complete label PNG with valid values (and ``(H, W)`` == ``size``, and
+    written in ``png_mode`` when given): the test for "already done" when a stage resumes, so a
+    palette PNG is redone when gray ones are asked for, and the reverse."""
     if not path.is_file():
         return False
     try:
+        if png_mode is not None and png_mode_of(path) != png_mode:
+            return False
         label_map = read_label_png(path)
     except DataError:
         return False
@@ -103,7 +133,15 @@ def label_pngs_in(directory: Path) -> list[Path]:
     return [directory / f"{image_id}{SUFFIX}" for image_id in list_label_ids(directory)]
 
 
-def missing_label_pngs(directory: Path, ids: Sequence[str]) -> list[str]:
-    """Ids without ``directory/<id>.png`` (one listdir, not one stat per id)."""
+def missing_label_pngs(directory: Path, ids: Sequence[str], png_mode: str | None = None) -> list[str]:
+    """Ids without ``directory/<id>.png`` (one listdir, not one stat per id); with ``png_mode``, also
+    those whose PNG is of the other mode or unreadable (one header read per PNG present)."""
     present = _names_in(directory)
-    return [i for i in ids if f"{i}{SUFFIX}" not in present]
+
+    def written_in_mode(image_id: str) -> bool:
+        try:
+            return png_mode_of(directory / f"{image_id}{SUFFIX}") == png_mode
+        except DataError:
+            return False
+
+    return [i for i in ids if f"{i}{SUFFIX}" not in present or (png_mode is not None and not written_in_mode(i))]

@@ -7,8 +7,9 @@ whose output k is VOC class k + 1; the CAM layers are its module names).
 One CAM file per image (:mod:`wsss.formats.cams`): ``OUT/<id>.npz`` with ``classes`` (int64 label
 values 1..20) and ``cams`` (float16, (K, H, W) at the original image size, fused, in [0, 1]); with
 ``save_layers`` also one normalised, upsampled (K, H, W) float16 map per layer, stored under the
-layer's name. With ``output_format="irn"`` one ``OUT/<id>.npy`` per image instead, in IRN's
-``make_cam.py`` layout, so that IRN's later steps read it unchanged.
+layer's name. With ``output_format="irn"`` or ``"psa"`` one ``OUT/<id>.npy`` per image instead,
+in the layout of IRN's ``make_cam.py`` or of PSA's ``infer_cls.py``, which those methods' next
+steps read as they read their own (:mod:`wsss.formats.irn`, :mod:`wsss.formats.psa`).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def make_cams(
     ``classifier``: a ``train-cls`` checkpoint, or a classifier module (e.g. from
     :func:`~wsss.systems.checkpoints.load_torchvision_classifier`) with 20 outputs, output k being
     VOC class k (label value k + 1) as for ours. ``options``: the label source, views and resources
-    (:class:`CamOptions`). ``output_format``: ``npz``, or ``irn`` for IRN's ``.npy`` layout (no
+    (:class:`CamOptions`). ``output_format``: ``npz``, or ``irn``/``psa`` for IRN's/PSA's ``.npy`` layout (no
     ``save_layers``). Each folder records its variant, options and inputs (:mod:`wsss.records`): a
     folder holding files made otherwise is refused unless ``overwrite``, which replaces them.
     ``strategy`` goes to the Trainer: under DDP each image is written by exactly one process, and
@@ -120,7 +121,7 @@ def make_cams(
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     if output_format != "npz" and any(v.save_layers for v in outputs.values()):
-        raise ConfigError("per-layer maps (--save-layers) are stored only in the npz format; IRN's layout has no place for them")
+        raise ConfigError(f"per-layer maps (--save-layers) are stored only in the npz format; the {output_format} layout has no place for them")
     folders = {Path(out_dir): variant for out_dir, variant in outputs.items()}
     layout = VOCLayout(resolve_data_root(data_root))
     image_labels = ImageLabels(layout, options.labels)
@@ -142,7 +143,7 @@ def make_cams(
     predictor = CamPredictor(model, {str(d): v for d, v in folders.items()}, options.gamma, options.scales, options.flip,
                              options.view_weighting, options.channels_last)
     done = frozenset() if overwrite else frozenset(
-        path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path))
+        path for out_dir in folders for path in (cam_path(out_dir, i, output_format) for i in ids) if is_complete(path, output_format))
     todo = [i for i in ids if any(cam_path(out_dir, i, output_format) not in done for out_dir in folders)]
     skipped = {out_dir: sum(cam_path(out_dir, i, output_format) in done for i in ids) for out_dir in folders}
     for out_dir, variant in folders.items():
@@ -172,9 +173,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weights", help="with --model: a state-dict file of that model with a 20-output head, output k "
                         "being VOC class k+1 (0 aeroplane ... 19 tvmonitor); torch.save(model.state_dict(), FILE)")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn)")
+    parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn or psa)")
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
-                        help="npz (default), or irn: IRN's make_cam.py <id>.npy dict (keys, high_res) that IRN's later steps read unchanged")
+                        help="npz (default); irn: IRN's make_cam.py <id>.npy dict (keys, cam at stride 4, high_res) for IRN's "
+                        "cam_to_ir_label.py and make_sem_seg_labels.py; psa: PSA's infer_cls.py <id>.npy dict "
+                        "{class index: map} for PSA's infer_aff.py")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     add_options(parser, CamVariant)
     add_options(parser, CamOptions)

@@ -62,8 +62,8 @@ def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key
     """(T, 21, 21) summed confusion of a chunk of (CAM file, GT mask) pairs, one per threshold."""
     total = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
     for cam_path, gt_path in pairs:
-        cams, classes = read_cams(cam_path, key)
         gt = read_label_png(gt_path)
+        cams, classes = read_cams(cam_path, key, image_size=gt.shape)
         if cams.shape[1:] != gt.shape:
             raise DataError(f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
         best_score, best_label = cam_best_class(cams, classes)  # once per image, reused per threshold
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
         description="Seed mIoU of CAM files against GT masks over a background-threshold sweep: "
         "background score = threshold, label = argmax over background and the image's class maps.",
     )
-    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
+    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN's / PSA's <id>.npy) CAM files")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
     parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")
     add_options(parser, EvalCamsOptions, skip=("workers",))

@@ -15,10 +15,10 @@ from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
-from wsss.formats.label_png import label_pngs_in, missing_label_pngs
+from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.options import add_options, check_positive_list, check_range, neutral_keys, option, options_from_args, result_params
+from wsss.options import add_options, check_choices, check_positive_list, check_range, neutral_keys, option, options_from_args, result_params
 from wsss.options import scales as scales_option
 from wsss.records import claim_folder, file_digest
 from wsss.systems.checkpoints import load_segmenter
@@ -36,6 +36,7 @@ class PredictOptions:
     flip: bool = option(False, "also average horizontally flipped passes")
     crf: bool = option(False, f"refine with a dense CRF ({CRF_INSTALL_HINT})")
     bf16: bool = option(False, "bf16 autocast (Trainer precision bf16-mixed); probabilities stay float32")
+    png_mode: str = option("palette", PNG_MODE_HELP, choices=PNG_MODES)
     channels_last: bool = option(False, "NHWC memory format (same labels to float rounding)", neutral=True)
     batch_size: int = option(1, "images per predict step (each is processed at its own size)", neutral=True)
     num_workers: int = option(2, "DataLoader worker processes", neutral=True)
@@ -44,6 +45,7 @@ class PredictOptions:
                                 parse=parse_devices)
 
     def __post_init__(self):
+        check_choices(self)
         check_positive_list("scales", self.scales)
         check_range("batch_size", self.batch_size, 1)
         check_range("num_workers", self.num_workers, 0)
@@ -68,7 +70,9 @@ def predict_segmentation(
     overwrite: bool = False,
     progress: bool = True,
 ) -> PredictionCounts:
-    """Write ``out_dir/<id>.png`` for every image of ``split`` that has none (all with ``overwrite``).
+    """Write ``out_dir/<id>.png`` for every image of ``split`` that has none (all with ``overwrite``),
+    in ``png_mode`` (``palette``: VOC palette; ``gray``: 8-bit grayscale); an existing PNG of the
+    other mode counts as none.
 
     ``checkpoint``: a ``train-seg`` checkpoint. ``options.scales``/``flip`` average softmax
     probabilities, ``crf`` refines them with DeepLab's dense CRF (needs pydensecrf), ``bf16``:
@@ -86,12 +90,12 @@ def predict_segmentation(
                  existing=label_pngs_in(out_dir), what="label PNGs", writer=is_global_zero(),
                  resources={k: getattr(options, k) for k in neutral_keys(PredictOptions)},
                  sources={"checkpoint": Path(checkpoint).resolve(), "data_root": layout.root})
-    todo = ids if overwrite else missing_label_pngs(out_dir, ids)
+    todo = ids if overwrite else missing_label_pngs(out_dir, ids, options.png_mode)
     if not todo:
         return PredictionCounts(len(ids), 0, len(ids))
     layout.check_images(todo)
     data = PredictDataModule(ImageDataset(layout, todo, eval_transform()), options.batch_size, options.num_workers, collate_list)
-    writer = LabelPNGWriter(out_dir)
+    writer = LabelPNGWriter(out_dir, options.png_mode)
     trainer = predict_trainer(writer, options.accelerator, options.devices, progress=progress,
                               precision="bf16-mixed" if options.bf16 else "32-true")
     trainer.predict(SegmenterPredictor(model, options.scales, options.flip, options.crf, options.channels_last), datamodule=data,
@@ -101,7 +105,7 @@ def predict_segmentation(
 
 def main(argv: list[str]) -> int:
     """``wsss predict-seg``: label PNGs for every image of a split."""
-    parser = argparse.ArgumentParser(prog="wsss predict-seg", description="Predict VOC-palette label PNGs with a trained segmenter.")
+    parser = argparse.ArgumentParser(prog="wsss predict-seg", description="Predict label PNGs with a trained segmenter.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by `wsss train-seg` (best.ckpt / last.ckpt)")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--out", required=True, help="output folder for <id>.png")

@@ -1,8 +1,9 @@
 """Stage 3: pseudo-labels from images + CAM files (``wsss pseudo-labels``).
 
-One VOC-palette PNG per image (values 0..20) by eq. 10 superpixel voting (:mod:`wsss.pseudo`).
-This module is plumbing only: a resumable loop over images (a Lightning predict loop, so it runs
-under DDP like ``wsss cams``), atomic writes and a summary. CAM files of either layout are read by
+One PNG per image (values 0..20; VOC palette, or 8-bit grayscale with ``png_mode="gray"``) by
+eq. 10 superpixel voting (:mod:`wsss.pseudo`). This module is plumbing only: a resumable loop over
+images (a Lightning predict loop, so it runs under DDP like ``wsss cams``), atomic writes and a
+summary. CAM files of any layout (ours, IRN's, PSA's) are read by
 :func:`wsss.formats.cams.read_cams`.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ from wsss.data.voc import VOCLayout
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
-from wsss.formats.label_png import is_valid_label_png, label_pngs_in, write_label_png
+from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, is_valid_label_png, label_pngs_in, write_label_png
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
-from wsss.options import OptionError, add_options, check_range, default_workers, neutral_keys, option, options_from_args, result_params
+from wsss.options import OptionError, add_options, check_choices, check_range, default_workers, neutral_keys, option, options_from_args, result_params
 from wsss.records import claim_folder, folder_identity
 from wsss.systems.predictors import PassThroughPredictor
 from wsss.systems.writers import PseudoLabelWriter
@@ -38,16 +39,18 @@ log = logging.getLogger(__name__)
 
 
 def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, threshold: float = DEFAULT_THRESHOLD,
-                      key: str | None = None, ignore_below: float | None = None, crf: bool = False, **slic_kwargs: Any) -> np.ndarray:
+                      key: str | None = None, ignore_below: float | None = None, crf: bool = False, png_mode: str = "palette",
+                      **slic_kwargs: Any) -> np.ndarray:
     """Load an image and its CAM file, vote per superpixel (eq. 10; superpixels scored in
     [``threshold``, ``ignore_below``) left at 255; with ``crf``, on the dense-CRF marginals of
-    the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically.
+    the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically as a ``png_mode``
+    (``palette`` or ``gray``) PNG.
 
     Returns the (H, W) uint8 label map. ``out_path=None`` skips writing (sweeps, tests).
     Raises DataError naming the file on any input problem.
     """
     image = read_image(image_path)
-    cams, classes = read_cams(cam_path, key)
+    cams, classes = read_cams(cam_path, key, image_size=image.shape[:2])
     if cams.shape[1:] != image.shape[:2]:
         raise DataError(
             f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but image {image_path.name} "
@@ -59,7 +62,7 @@ def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, t
     else:
         label_map = superpixel_labels(image, cams, classes, threshold=threshold, ignore_below=ignore_below, **slic_kwargs)
     if out_path is not None:
-        write_label_png(out_path, label_map)
+        write_label_png(out_path, label_map, png_mode)
     return label_map
 
 
@@ -85,12 +88,14 @@ class PseudoLabelOptions:
     n_segments: int | None = option(None, f"SLIC n_segments (none: {SLIC_DEFAULTS['n_segments']})")
     compactness: float | None = option(None, f"SLIC compactness (none: {SLIC_DEFAULTS['compactness']})")
     sigma: float | None = option(None, f"SLIC Gaussian pre-smoothing (none: {SLIC_DEFAULTS['sigma']})")
+    png_mode: str = option("palette", PNG_MODE_HELP, choices=PNG_MODES)
     workers: int = option(1, "DataLoader worker processes per device process; 1 = none", neutral=True)
     accelerator: str = option("cpu", "Lightning accelerator (the work is NumPy/scikit-image)", neutral=True)
     devices: int | str = option(1, "Lightning devices, e.g. 2 with --strategy ddp: each image is done by exactly one process",
                                 neutral=True, parse=parse_devices)
 
     def __post_init__(self):
+        check_choices(self)
         check_range("threshold", self.threshold, 0, 1)
         self.check_band(self.band_floor())
         if self.crf and self.ignore_below is not None:
@@ -157,7 +162,8 @@ class PseudoLabelDataset(Dataset):
     """Item i: image i's label map, or why it has none (the work runs in DataLoader workers).
 
     ``{"id", "status": "labelled" | "skipped" | "failed", "label_map": (H, W) uint8 or None, "message"}``;
-    ``skipped`` means a valid PNG of the right size is already there (kept unless ``overwrite``).
+    ``skipped`` means a valid PNG of the right size and ``png_mode`` is already there (kept unless
+    ``overwrite``; one of the other mode is redone).
     Input errors (DataError) become ``failed`` items, so one bad file does not stop the run.
     """
 
@@ -171,7 +177,7 @@ class PseudoLabelDataset(Dataset):
         job, options = self.jobs[index], self.options
         item: dict[str, Any] = {"id": job.image_id, "status": "skipped", "label_map": None, "message": ""}
         try:
-            if not self.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path)):
+            if not self.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path), options.png_mode):
                 return item
             item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, options.threshold, self.key, options.ignore_below,
                                                    options.crf, **options.slic)
@@ -229,7 +235,7 @@ def make_pseudo_labels(
     if jobs:
         workers = options.workers
         log.info("%d images from %s; SLIC %s; threshold %g; %d workers", len(jobs), split, options.slic, options.threshold, workers)
-        writer = PseudoLabelWriter(out_dir)
+        writer = PseudoLabelWriter(out_dir, options.png_mode)
         trainer = predict_trainer(writer, options.accelerator, options.devices, strategy, progress)
         data = PredictDataModule(PseudoLabelDataset(jobs, options, key, overwrite), batch_size=1, num_workers=workers if workers > 1 else 0,
                                  collate_fn=list)
@@ -252,7 +258,7 @@ def main(argv: list[str]) -> int:
         "LayerCAM eq. 10). Resumable: existing valid PNGs made with the same settings are kept unless --overwrite.",
     )
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN <id>.npy) CAM files")
+    parser.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz (or IRN's / PSA's <id>.npy) CAM files")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <id>.png")
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     parser.add_argument("--key", default=None, help="array of the CAM file to use (default: cams / IRN high_res), e.g. a per-layer map")

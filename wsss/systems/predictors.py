@@ -108,7 +108,7 @@ class CamPredictor(pl.LightningModule):
                                   view_weighting=self.view_weighting, gamma=self.gamma, peak_quantile=variant.peak_quantile,
                                   fusion=variant.fusion)
         layer_maps = {layer: maps.cpu().numpy().astype(np.float16) for layer, maps in zip(variant.layers, cams.layers)}
-        # float32: the writer rounds to float16 for npz; IRN's layout keeps float32.
+        # float32: the writer rounds to float16 for npz; IRN's and PSA's layouts keep float32.
         return {"cams": cams.fused.cpu().numpy(), "layers": layer_maps}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:

@@ -31,8 +31,8 @@ class PerImageWriter(BasePredictionWriter):
 
 class CamWriter(PerImageWriter):
     """:class:`~wsss.systems.predictors.CamPredictor` items -> one file per variant and image:
-    ``out_dirs[name]/<id>.npz`` (with per-layer maps where ``save_layers[name]``) or IRN's
-    ``<id>.npy`` (``output_format="irn"``). Files in ``done`` (complete before the run) are not
+    ``out_dirs[name]/<id>.npz`` (with per-layer maps where ``save_layers[name]``) or IRN's or PSA's
+    ``<id>.npy`` (``output_format="irn"``/``"psa"``). Files in ``done`` (complete before the run) are not
     rewritten; ``written`` counts this process's files."""
 
     def __init__(self, out_dirs: Mapping[str, Path], save_layers: Mapping[str, bool], output_format: str = "npz",
@@ -46,15 +46,20 @@ class CamWriter(PerImageWriter):
             path = cam_path(self.out_dirs[name], item["id"], self.output_format)
             if path in self.done:
                 continue
-            write_cam_file(path, item["classes"], maps["cams"], maps["layers"] if self.save_layers[name] else None)
+            write_cam_file(path, self.output_format, item["classes"], maps["cams"], maps["layers"] if self.save_layers[name] else None)
             self.written[name] += 1
 
 
 class LabelPNGWriter(PerImageWriter):
-    """``{"id", "label_map"}`` items -> ``<id>.png`` (VOC palette)."""
+    """``{"id", "label_map"}`` items -> ``<id>.png``, a VOC-palette PNG or, with ``png_mode="gray"``,
+    an 8-bit grayscale one (:func:`~wsss.formats.label_png.write_label_png`)."""
+
+    def __init__(self, out_dir: str | Path, png_mode: str = "palette"):
+        super().__init__(out_dir)
+        self.png_mode = png_mode
 
     def write_item(self, item: dict[str, Any]) -> None:
-        write_label_png(self.out_dir / f"{item['id']}.png", item["label_map"])
+        write_label_png(self.out_dir / f"{item['id']}.png", item["label_map"], self.png_mode)
         self.written += 1
 
 
@@ -62,8 +67,8 @@ class PseudoLabelWriter(LabelPNGWriter):
     """Items with a ``status``: ``labelled`` ones are written, ``skipped`` (a valid PNG is already
     there) and ``failed`` (its ``message`` says why) ones are counted."""
 
-    def __init__(self, out_dir: str | Path):
-        super().__init__(out_dir)
+    def __init__(self, out_dir: str | Path, png_mode: str = "palette"):
+        super().__init__(out_dir, png_mode)
         self.skipped = 0
         self.failed: dict[str, str] = {}
 
