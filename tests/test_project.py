@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 
 def _action_for(category: type[Warning], module: str, message: str = "") -> str:
@@ -32,3 +33,14 @@ def test_importing_wsss_turns_off_onednns_per_shape_cache_unless_the_user_set_it
     assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "0"
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
     assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "256"
+
+
+def test_readme_stage_options_are_generated_from_the_option_classes():
+    """The README's table of stage options is what scripts/stage_reference.py makes of the
+    dataclasses the commands and `wsss run` build (one source for both)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "scripts" / "stage_reference.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cams": ("wsss.stages.cams:main", "stage 2: LayerCAM / Grad-CAM / Grad-CAM++ maps per image, fused across layers"),
     "train-seg": ("wsss.stages.train_segmenter:main", "stage 4: train DeepLab-LargeFOV on pseudo-labels (or GT)"),
     "predict-seg": ("wsss.stages.predict:main", "stage 4: write segmenter label PNGs for a split"),
+    "refine": ("wsss.stages.refine:main", "CAMs -> affinity + random walk refined CAMs and labels (PSA/IRN), from any CAM folder"),
     "pseudo-labels": ("wsss.stages.pseudo_labels:main", "stage 3: CAM files -> superpixel pseudo-label PNGs"),
     "evaluate": ("wsss.stages.evaluate:main", "mIoU of any folder of label PNGs against GT masks"),
     "eval-cams": ("wsss.stages.eval_cams:main", "mIoU of thresholded CAM seeds over a background-threshold sweep"),

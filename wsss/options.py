@@ -231,3 +231,18 @@ def finite(text: str) -> float:
 
 def default_workers() -> int:
     return os.cpu_count() or 1
+
+
+def reference_rows(cls: type, skip: Iterable[str] = ()) -> list[str]:
+    """Markdown table rows ``| --flag / key | default | what it does |`` of an options dataclass:
+    the README's stage reference is generated from these (``scripts/stage_reference.py``)."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else ("none" if default is None else str(default))
+        note = " (speed only)" if f.metadata.get("neutral") else ""
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{flag_of(f)}` / `{option_key(f)}` | `{shown}` | {text}{note} |")
+    return rows

@@ -19,11 +19,12 @@ from typing import Any
 import yaml
 
 from wsss.errors import ConfigError
-from wsss.options import OptionError, option, option_key, same_option, unknown_keys_error
+from wsss.options import OptionError, check_range, option, option_key, same_option, unknown_keys_error
 from wsss.stages.cams import CamOptions
 from wsss.stages.eval_cams import EvalCamsOptions
 from wsss.stages.predict import PredictOptions
 from wsss.stages.pseudo_labels import PseudoLabelOptions
+from wsss.stages.refine import RefineOptions
 from wsss.systems.predictors import CamVariant
 
 # CAM baselines a run may add (method -> its folder under OUT/cams/).
@@ -82,6 +83,34 @@ class PseudoConfig(PseudoLabelOptions):
         return 0.0 if self.threshold_from_seeds else self.threshold
 
 
+REFINABLE = ("layercam", "gradcam", "gradcampp")  # CAM folders a run can refine
+
+
+@dataclass(frozen=True)
+class RefineConfig(RefineOptions):
+    """``refine``: affinity + random-walk refinement (:class:`~wsss.stages.refine.RefineOptions`)
+    of the CAM folders ``variants``, between eval-cams and pseudo-labels (off unless ``enabled``);
+    the pseudo-labels of a refined folder are made from its refined maps. With
+    ``thresholds_from_seeds`` each folder's seed thresholds are ``bg_factor`` and ``fg_factor``
+    times its best seed threshold in this run's eval-cams sweep on ``eval_split`` (never ``val``)."""
+
+    enabled: bool = option(False, "refine the CAMs before the pseudo-labels")
+    variants: tuple[str, ...] = option(("layercam",), f"CAM folders to refine ({', '.join(REFINABLE)})")
+    thresholds_from_seeds: bool = option(False, "seed thresholds from each folder's best seed threshold (x bg_factor, x fg_factor)")
+    bg_factor: float = option(0.25, "with thresholds_from_seeds: bg_threshold = this x the best seed threshold")
+    fg_factor: float = option(2.0, "with thresholds_from_seeds: fg_threshold = this x the best seed threshold (at most 0.95)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [v for v in self.variants if v not in REFINABLE]
+        if bad or not self.variants:
+            raise OptionError("variants", f"{bad or list(self.variants)} unknown or empty; choose from {', '.join(REFINABLE)}")
+        check_range("bg_factor", self.bg_factor, 0, low_open=True)
+        check_range("fg_factor", self.fg_factor, 0, low_open=True)
+        if self.fg_factor <= self.bg_factor:
+            raise OptionError("fg_factor", f"must be above bg_factor ({self.bg_factor:g}), got {self.fg_factor:g}")
+
+
 @dataclass(frozen=True)
 class PredictConfig(PredictOptions):
     """``predict``: the splits the segmenter labels and is scored on (default: val and eval), with
@@ -122,6 +151,7 @@ class PipelineConfig:
     classifier: TrainingSection = field(default_factory=TrainingSection)
     cams: CamsConfig = field(default_factory=CamsConfig)
     eval_cams: EvalCamsConfig = field(default_factory=EvalCamsConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     segmenter: TrainingSection = field(default_factory=TrainingSection)
     predict: PredictConfig = field(default_factory=PredictConfig)

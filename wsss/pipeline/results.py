@@ -26,6 +26,10 @@ def build_results(config: PipelineConfig, data_root: Path, manifest: Callable[[s
     for name, row in results_of("eval-cams").items():
         rows.append({"stage": "CAM seeds", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["best_miou"],
                      "best_threshold": row["best_threshold"], "miou_at_0.3": row["miou_at_0.3"]})
+    for name, row in results_of("refine").items():
+        rows.append({"stage": "refined seeds", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["best_miou"],
+                     "best_threshold": row["best_threshold"], "miou_at_0.3": row["miou_at_0.3"]})
+        rows.append({"stage": "refined labels", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["labels_miou"]})
     for name, row in results_of("eval-pseudo").items():
         rows.append({"stage": "pseudo-labels", "method": name, "metric": "mIoU", "split": config.eval_split, "value": row["miou"],
                      **{key: row[key] for key in ("labelled_share", "miou_labelled") if key in row}})

@@ -114,6 +114,9 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
         payload = hashed_payload(step, run, hashes)
         hashes[step.name] = digest(payload)
         banner = f"[{number}/{len(STEPS)}] {step.name}"
+        if not step.enabled(run):
+            print(f"{banner}: off", flush=True)
+            continue
         decision = decide(read_manifest(out, step.name), hashes[step.name], step.name in forced, lambda: step.complete(run))
         print(f"{banner}: {decision.value}", flush=True)
         if decision is Decision.SKIP:
@@ -154,6 +157,9 @@ def explain(config: PipelineConfig, start_from: str | None = None, force: bool =
     for number, step in enumerate(STEPS[:last + 1], 1):
         payload = hashed_payload(step, run, hashes)
         hashes[step.name] = digest(payload)
+        if not step.enabled(run):
+            lines.append(f"[{number}/{len(STEPS)}] {step.name}: off")
+            continue
         manifest = read_manifest(out, step.name)
         decision = decide(manifest, hashes[step.name], step.name in forced, lambda: step.complete(run))
         if decision is Decision.SKIP:

@@ -23,7 +23,7 @@ from wsss.pipeline.results import build_results
 from wsss.systems.predictors import CamVariant
 from wsss.trainers import is_global_zero
 
-SECTIONS_WITH_OPTIONS = ("cams", "eval_cams", "pseudo", "predict")  # the training sections are hashed by training_options
+SECTIONS_WITH_OPTIONS = ("cams", "eval_cams", "refine", "pseudo", "predict")  # the training sections are hashed by training_options
 SEED_ROWS = (  # (row name, CAM folder, npz key: None = the file's fused map, "a+b" = max of saved layers)
     ("Grad-CAM stage5", "gradcam", None),
     ("Grad-CAM++ stage5", "gradcampp", None),
@@ -118,6 +118,15 @@ class Run:
     def pseudo_variants(self) -> list[str]:
         return [name for _, name in PSEUDO_ROWS if name in self.cam_variants()]
 
+    def refined_variants(self) -> list[str]:
+        """CAM folders the refine step refines (none when it is off)."""
+        refine = self.config.refine
+        return [v for v in refine.variants if v in self.cam_variants()] if refine.enabled else []
+
+    def pseudo_source(self, folder: str) -> Path:
+        """The CAM folder the pseudo-labels of ``folder`` are made from: its refined maps when refined."""
+        return self.out / "refined" / folder / "cams" if folder in self.refined_variants() else self.out / "cams" / folder
+
     def prediction_splits(self) -> list[str]:
         """Splits the segmenter predicts and is scored on: ``predict.splits``, by default val and eval."""
         return list(dict.fromkeys(self.config.predict.splits or (self.config.val_split, self.config.eval_split)))
@@ -211,18 +220,55 @@ def eval_cams_step(run: Run) -> dict[str, Any]:
     return {"counts": {"images": len(ids)}, "results": rows}
 
 
+def refine_step(run: Run) -> dict[str, Any]:
+    """Affinity + random walk refinement of each of ``refine.variants``, then the seed sweep of the
+    refined maps and the mIoU of its label PNGs on ``eval_split``."""
+    from wsss.pseudo import DEFAULT_THRESHOLD
+    from wsss.stages.eval_cams import best_threshold, evaluate_cams, parse_thresholds
+    from wsss.stages.evaluate import evaluate_labels
+    from wsss.stages.refine import RefineOptions, make_refined_cams, summary_dict
+
+    c = run.config.refine
+    counts, rows = {}, {}
+    thresholds = parse_thresholds(run.config.eval_cams.thresholds)
+    ids = run.ids(run.config.eval_split)
+    for folder in run.refined_variants():
+        seeds = {}
+        if c.thresholds_from_seeds:
+            best = seed_threshold(run, folder)
+            seeds = {"bg_threshold": round(c.bg_factor * best, 6), "fg_threshold": round(min(0.95, c.fg_factor * best), 6)}
+        try:
+            options = narrowed(c, RefineOptions, **seeds)
+        except OptionError as exc:
+            raise ConfigError(f"refine.{exc.name} {exc.problem} ({folder})") from None
+        out = run.out / "refined" / folder
+        summary = make_refined_cams(run.out / "classifier" / "best.ckpt", run.data_root, run.out / "cams" / folder, out, options,
+                                    split=run.config.cam_split, progress=False)
+        run.say(f"  refined/{folder}: seeds below {options.bg_threshold:g} / from {options.fg_threshold:g}; {summary.line()}")
+        counts[folder] = summary_dict(summary)
+        scores = evaluate_cams(out / "cams", run.layout.mask_dir, ids, thresholds, workers=run.config.eval_cams.workers)
+        best = best_threshold(scores)
+        labels = evaluate_labels(out / "labels", run.layout.mask_dir, ids)
+        row = next(row for row, name, key in SEED_ROWS if name == folder and key is None)
+        rows[f"{row} + affinity RW"] = {"best_threshold": best, "best_miou": float(scores[best].miou),
+                                        "miou_at_0.3": float(scores[DEFAULT_THRESHOLD].miou), "labels_miou": float(labels.miou),
+                                        "seed_thresholds": [options.bg_threshold, options.fg_threshold]}
+        run.say(f"  refined {row}: mIoU {100 * scores[best].miou:.1f} at {best:g}; label PNGs {100 * labels.miou:.1f}")
+    return {"counts": counts, "results": rows}
+
+
 def pseudo_labels_step(run: Run) -> dict[str, Any]:
     from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
 
     c = run.config.pseudo
     counts, thresholds = {}, {}
     for name in run.pseudo_variants():
-        thresholds[name] = seed_threshold(run, name) if c.threshold_from_seeds else c.threshold
+        thresholds[name] = seed_threshold(run, name, refined=name in run.refined_variants()) if c.threshold_from_seeds else c.threshold
         try:
             options = narrowed(c, PseudoLabelOptions, threshold=thresholds[name])
         except OptionError as exc:
             raise ConfigError(f"pseudo.{exc.name} {exc.problem} (the threshold of {name})") from None
-        summary = make_pseudo_labels(run.data_root, run.out / "cams" / name, run.out / "pseudo" / name, split=run.config.cam_split,
+        summary = make_pseudo_labels(run.data_root, run.pseudo_source(name), run.out / "pseudo" / name, split=run.config.cam_split,
                                      options=options, progress=False)
         run.say(f"  pseudo/{name}: threshold {thresholds[name]:g}; {summary.line()}")
         summary.raise_for_failures()
@@ -230,12 +276,15 @@ def pseudo_labels_step(run: Run) -> dict[str, Any]:
     return {"counts": counts, "thresholds": thresholds}
 
 
-def seed_threshold(run: Run, folder: str) -> float:
-    """The best background threshold of ``folder``'s fused maps in this run's seed sweep (eval-cams)."""
-    results = (read_manifest(run.out, "eval-cams") or {}).get("results") or {}
+def seed_threshold(run: Run, folder: str, refined: bool = False) -> float:
+    """The best background threshold of ``folder``'s fused maps in this run's seed sweep (eval-cams),
+    or of its refined maps (the refine step's sweep)."""
+    step = "refine" if refined else "eval-cams"
+    results = (read_manifest(run.out, step) or {}).get("results") or {}
     row = next((row for row, name, key in SEED_ROWS if name == folder and key is None), None)
+    row = f"{row} + affinity RW" if refined else row
     if row not in results:
-        raise DataError(f"pseudo.threshold_from_seeds: eval-cams has no seed sweep of {folder} ({row!r}); rerun with --from eval-cams")
+        raise DataError(f"threshold from seeds: {step} has no seed sweep of {folder} ({row!r}); rerun with --from {step}")
     return float(results[row]["best_threshold"])
 
 
@@ -246,6 +295,7 @@ def eval_pseudo_step(run: Run) -> dict[str, Any]:
     rows = {}
     for row, folder in PSEUDO_ROWS:
         if folder in run.pseudo_variants():
+            row = f"{row} + affinity RW" if folder in run.refined_variants() else row
             scores = evaluate_label_maps(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
             rows[row] = {"miou": float(scores.scores.miou), "labelled_share": scores.labelled_share,
                          "miou_labelled": float(scores.labelled.miou)}
@@ -350,6 +400,7 @@ class Step:
     outputs: Callable[[Run], list[Path]] = lambda run: []  # what a fresh start clears
     complete: Callable[[Run], bool] = lambda run: True  # whether all its outputs are on disk
     also_hashed: Callable[[Run], dict[str, Any]] = lambda run: {}  # other settings it depends on
+    enabled: Callable[[Run], bool] = lambda run: True  # an optional step that is off runs nothing and has no manifest
 
 
 STEPS = (
@@ -362,7 +413,12 @@ STEPS = (
          also_hashed=lambda run: {"split": run.config.cam_split, "data": run.data_identity([run.config.cam_split])}),
     Step("eval-cams", eval_cams_step, "eval_cams", ("cams",),
          also_hashed=lambda run: {"split": run.config.eval_split, "data": run.data_identity([run.config.eval_split], masks=True)}),
-    Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams", "eval-cams"), outputs=lambda run: [run.out / "pseudo"],
+    Step("refine", refine_step, "refine", ("classifier", "cams", "eval-cams"), outputs=lambda run: [run.out / "refined"],
+         complete=lambda run: _all_files(run, "refined", {f"{v}/cams": run.ids(run.config.cam_split) for v in run.refined_variants()}, ".npz"),
+         also_hashed=lambda run: {"split": run.config.cam_split, "eval_split": run.config.eval_split,
+                                  "data": run.data_identity([run.config.cam_split, run.config.eval_split], masks=True)},
+         enabled=lambda run: run.config.refine.enabled),
+    Step("pseudo-labels", pseudo_labels_step, "pseudo", ("cams", "eval-cams", "refine"), outputs=lambda run: [run.out / "pseudo"],
          complete=lambda run: _all_files(run, "pseudo", {v: run.ids(run.config.cam_split) for v in run.pseudo_variants()}, ".png"),
          also_hashed=lambda run: {"split": run.config.cam_split, "data": run.data_identity([run.config.cam_split])}),
     Step("eval-pseudo", eval_pseudo_step, None, ("pseudo-labels",),
@@ -385,6 +441,9 @@ STEP_BY_NAME = {step.name: step for step in STEPS}
 def hashed_payload(step: Step, run: Run, hashes: Mapping[str, str]) -> dict[str, Any]:
     """Everything ``step``'s results depend on: its config section's result-changing options
     (resolved values; resource settings left out), the hashes of the steps it reads, and the data
-    and other settings it names. Manifests keep it, so ``--explain`` can say what changed."""
+    and other settings it names. Manifests keep it, so ``--explain`` can say what changed. A step
+    that is off is ``{"stage": name, "off": True}``."""
+    if not step.enabled(run):
+        return {"stage": step.name, "off": True}
     section = result_params(getattr(run.config, step.section)) if step.section in SECTIONS_WITH_OPTIONS else None
     return {"stage": step.name, "section": section, "deps": {d: hashes[d] for d in step.deps}, **step.also_hashed(run)}

@@ -3,7 +3,8 @@
 Reads only files (the layout written by ``wsss run``, see the README) and draws with Pillow:
 
 - one row per image: image, GT, Grad-CAM stage5, LayerCAM stage3/stage4/stage5, fused LayerCAM,
-  pseudo-label, segmenter prediction (:data:`COLUMNS`);
+  pseudo-label, segmenter prediction (:data:`~wsss.report.draw.COLUMNS`; with the refined LayerCAM
+  after the fused one when the run refined its CAMs);
 - CAM tiles show the map of the image's **first** image-level class (``classes[0]`` of its npz) as a
   jet heatmap blended over the image, captioned ``"LayerCAM s3: cat"``;
 - label tiles blend VOC colours over the image, captioned with the classes present;
@@ -32,7 +33,8 @@ from wsss.formats.images import read_image
 from wsss.formats.label_png import read_label_png
 from wsss.io import atomic_path
 from wsss.report.draw import (
-    COLUMNS, DEFAULT_TILE, HEADER_HEIGHT, IMAGES_PER_SHEET, MARGIN, NUM_COLUMNS, cam_overlay, compose, fit_tile, jet, label_overlay,
+    DEFAULT_TILE, HEADER_HEIGHT, IMAGES_PER_SHEET, MARGIN, NUM_COLUMNS, REFINED_COLUMN, cam_overlay, columns_with_refined, compose,
+    fit_tile, jet, label_overlay,
     na_tile, present_classes, resize_to, sheet_size,
 )
 from wsss.report.page import render_index
@@ -49,6 +51,11 @@ class RunFiles:
     layout: Any | None  # wsss.data.voc.VOCLayout, or None when no data root is known
     prediction_dirs: list[Path]  # searched in order for <id>.png
 
+    @property
+    def columns(self) -> tuple[tuple[str, str, str | None], ...]:
+        """The report's columns for this run: the refined maps beside the fused ones when it has them."""
+        return columns_with_refined((self.out_dir / REFINED_COLUMN[1]).is_dir())
+
     def source_path(self, source: str, image_id: str) -> Path | None:
         if source == "image":
             return None if self.layout is None else self.layout.image_path(image_id)
@@ -57,7 +64,7 @@ class RunFiles:
         if source == "prediction":
             return next((d / f"{image_id}.png" for d in self.prediction_dirs if (d / f"{image_id}.png").is_file()),
                         self.prediction_dirs[0] / f"{image_id}.png" if self.prediction_dirs else None)
-        suffix = ".npz" if source.startswith("cams/") else ".png"
+        suffix = ".npz" if source.startswith("cams/") or source.endswith("/cams") else ".png"
         return self.out_dir / source / f"{image_id}{suffix}"
 
 
@@ -115,7 +122,8 @@ def _first_class_map(path: Path, key: str) -> tuple[np.ndarray, str]:
 
 
 def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list[Image.Image]:
-    """The :data:`COLUMNS` tiles of one image; a missing or unreadable input gives an ``n/a`` tile."""
+    """The tiles of one image, one per column of ``files.columns``; a missing or unreadable input
+    gives an ``n/a`` tile."""
     image = None
     image_path = files.source_path("image", image_id)
     if image_path is not None and image_path.is_file():
@@ -126,7 +134,7 @@ def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list
     size = image.shape[:2] if image is not None else None
 
     tiles = []
-    for title, source, key in COLUMNS:
+    for title, source, key in files.columns:
         path = files.source_path(source, image_id)
         try:
             if source == "image":
@@ -187,7 +195,7 @@ def write_report(out_dir: str | Path, data_root: str | Path | None = None, split
     for start in range(0, len(ids), images_per_sheet):
         rows = [render_row(files, i, tile) for i in ids[start:start + images_per_sheet]]
         name = f"sheet_{start // images_per_sheet:02d}.png"
-        _save_png(compose(rows, tile), report_dir / name)
+        _save_png(compose(rows, tile, files.columns), report_dir / name)
         names.append(name)
     for stale in report_dir.glob("sheet_*.png") if report_dir.is_dir() else []:
         if stale.name not in names:
@@ -197,7 +205,7 @@ def write_report(out_dir: str | Path, data_root: str | Path | None = None, split
             "split": split, "images shown": len(ids)}
     index = report_dir / "index.html"
     with atomic_path(index, ".html") as tmp:
-        tmp.write_text(render_index(f"wsss report: {files.out_dir.name}", meta, results, problem, names), encoding="utf-8")
+        tmp.write_text(render_index(f"wsss report: {files.out_dir.name}", meta, results, problem, names, files.columns), encoding="utf-8")
     return index
 
 
@@ -212,7 +220,7 @@ def show_image(image_id: str, out_dir: str | Path, data_root: str | Path | None 
         raise ConfigError(f"--tile must be >= 16, got {tile}")
     files = _open_run(out_dir, data_root, None if split is None else [split])
     path = Path(save) if save is not None else files.out_dir / "report" / f"show_{image_id}.png"
-    _save_png(compose([render_row(files, image_id, tile)], tile), path)
+    _save_png(compose([render_row(files, image_id, tile)], tile, files.columns), path)
     return path
 
 

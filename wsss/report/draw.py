@@ -21,7 +21,17 @@ COLUMNS: tuple[tuple[str, str, str | None], ...] = (
     ("pseudo-label", "pseudo/layercam", None),
     ("prediction", "prediction", None),
 )
+# With `refine.enabled` a run has refined maps: shown next to the fused map they were refined from.
+REFINED_COLUMN = ("LayerCAM + RW", "refined/layercam/cams", "cams")
 NUM_COLUMNS = len(COLUMNS)
+
+
+def columns_with_refined(refined: bool) -> tuple[tuple[str, str, str | None], ...]:
+    """:data:`COLUMNS`, with :data:`REFINED_COLUMN` after the fused LayerCAM when ``refined``."""
+    if not refined:
+        return COLUMNS
+    fused = next(i for i, column in enumerate(COLUMNS) if column[0] == "LayerCAM fused")
+    return (*COLUMNS[:fused + 1], REFINED_COLUMN, *COLUMNS[fused + 1:])
 DEFAULT_TILE = 160  # tile side in pixels; images are fitted inside, keeping their aspect ratio
 MARGIN = 4  # pixels around and between tiles
 HEADER_HEIGHT = 18  # the column-title row at the top of every sheet
@@ -33,9 +43,9 @@ NA_GREY = (128, 128, 128)
 CAPTION_HEIGHT = 13
 
 
-def sheet_size(num_rows: int, tile: int = DEFAULT_TILE) -> tuple[int, int]:
+def sheet_size(num_rows: int, tile: int = DEFAULT_TILE, num_columns: int = NUM_COLUMNS) -> tuple[int, int]:
     """(width, height) in pixels of a sheet (or a ``show`` image) with ``num_rows`` image rows."""
-    width = MARGIN + NUM_COLUMNS * (tile + MARGIN)
+    width = MARGIN + num_columns * (tile + MARGIN)
     height = HEADER_HEIGHT + MARGIN + num_rows * (tile + MARGIN)
     return width, height
 
@@ -145,11 +155,11 @@ def na_tile(tile: int, reason: str = "") -> Image.Image:
     return canvas
 
 
-def compose(rows: Sequence[Sequence[Image.Image]], tile: int = DEFAULT_TILE) -> Image.Image:
+def compose(rows: Sequence[Sequence[Image.Image]], tile: int = DEFAULT_TILE, columns: Sequence[tuple] = COLUMNS) -> Image.Image:
     """Stack rows of tiles under a column-title header into one sheet of :func:`sheet_size`."""
-    sheet = Image.new("RGB", sheet_size(len(rows), tile), BACKGROUND)
+    sheet = Image.new("RGB", sheet_size(len(rows), tile, len(columns)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    for col, (title, _, _) in enumerate(COLUMNS):
+    for col, (title, _, _) in enumerate(columns):
         x = MARGIN + col * (tile + MARGIN)
         text = _fit_text(draw, title, tile)
         draw.text((x + (tile - draw.textlength(text, font=_font())) / 2, 3), text, fill=(0, 0, 0), font=_font())

@@ -49,7 +49,7 @@ th{background:#eee}img{max-width:100%;border:1px solid #ccc;margin:.5em 0}"""
 
 
 def render_index(title: str, meta: dict[str, Any], results: dict | None, results_problem: str | None,
-                 sheet_names: Sequence[str]) -> str:
+                 sheet_names: Sequence[str], columns: Sequence[tuple] = COLUMNS) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", html_value(meta), "<h2>Results</h2>"]
     if results is None:
@@ -62,7 +62,7 @@ def render_index(title: str, meta: dict[str, Any], results: dict | None, results
         if ordered:
             parts.append(html_value(ordered))
     parts.append("<h2>Per-image maps</h2>")
-    parts.append("<p>Columns: " + ", ".join(html.escape(c[0]) for c in COLUMNS) + ". CAM tiles show the map of the "
+    parts.append("<p>Columns: " + ", ".join(html.escape(c[0]) for c in columns) + ". CAM tiles show the map of the "
                  "image's first image-level class (named on the tile) as a jet heatmap over the image; label tiles "
                  "show VOC colours and list the classes present; grey n/a tiles mark missing inputs.</p>")
     if not sheet_names:
