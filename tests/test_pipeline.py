@@ -84,6 +84,9 @@ def test_run_writes_every_stage_and_results(finished_run, toy_root):
     assert sorted(p.stem for p in (out / "predictions/val").glob("*.png")) == sorted(val)
     assert sorted(p.stem for p in (out / "predictions/train").glob("*.png")) == sorted(train)
     for stage in STAGES:
+        if stage == "refine":  # opt-in: off in this configuration, so nothing is written for it
+            assert not (out / "manifests" / "refine.json").exists() and not (out / "refine").exists()
+            continue
         manifest = json.loads((out / "manifests" / f"{stage}.json").read_text())
         assert manifest["finished"] is True and manifest["hash"]
     results = json.loads((out / "results.json").read_text())
@@ -115,7 +118,7 @@ def test_second_run_skips_everything(finished_run, tmp_path, capsys):
     before = snapshot(out)
     assert cli_main(["run", "-c", str(config)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (up to date)") == len(STAGES)
+    assert printed.count("skipped (up to date)") == len(STAGES) - 1 and "] refine: off" in printed  # refine is opt-in
     assert snapshot(out) == before
 
 
@@ -232,7 +235,7 @@ def test_png_mode_reaches_the_pseudo_label_and_predict_stages_and_their_hashes(t
         pseudo_labels_step(run)
         predict_step(run)
         assert set(calls) == {("pseudo", mode), ("predict", mode)}
-        hashes[mode] = {name: digest(hashed_payload(STEP_BY_NAME[name], run, {"cams": "c", "eval-cams": "e", "segmenter": "s"}))
+        hashes[mode] = {name: digest(hashed_payload(STEP_BY_NAME[name], run, {"cams": "c", "eval-cams": "e", "refine": "r", "segmenter": "s"}))
                         for name in ("pseudo-labels", "predict")}
     assert all(hashes["palette"][name] != hashes["gray"][name] for name in hashes["gray"])
     for section in ("pseudo", "predict"):
@@ -428,7 +431,7 @@ def test_demo_runs_the_toy_pipeline_config_and_writes_the_report(finished_run, t
     monkeypatch.setattr(wsss.pipeline.run, "default_toy_config", lambda: tiny_config(tmp_path / "pipeline.yaml", toy_root, out))
     assert cli_main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (up to date)") == len(STAGES)
+    assert printed.count("skipped (up to date)") == len(STAGES) - 1 and "] refine: off" in printed  # refine is opt-in
     assert "LayerCAM stages 3-5 fused" in printed and f"report: {out / 'report' / 'index.html'}" in printed
     assert (out / "report" / "index.html").is_file() and list((out / "report").glob("sheet_*.png"))
 

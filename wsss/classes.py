@@ -28,6 +28,18 @@ def class_ids_of(multi_hot) -> list[int]:
     return [int(i) for i in np.flatnonzero(np.asarray(multi_hot) > 0.5)]
 
 
+# Class indices (0-based, as logits and IRN's/PSA's files count) and label values (1..20, as masks
+# and our CAM files store them) differ by one; these two are the only places that know by how much.
+def label_values_of(class_ids) -> np.ndarray:
+    """Label values (int64) of 0-based class indices."""
+    return np.asarray(class_ids, dtype=np.int64) + 1
+
+
+def class_ids_from(label_values) -> np.ndarray:
+    """0-based class indices (int64) of label values 1..20."""
+    return np.asarray(label_values, dtype=np.int64) - 1
+
+
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
     """The standard VOC palette: bits of the label index spread over the high bits of R, G, B."""
     colours = []

@@ -129,6 +129,12 @@ def narrowed(instance: Any, cls: type, **changes: Any) -> Any:
     return cls(**{**{f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)}, **changes})
 
 
+def resource_values(instance: Any) -> dict[str, Any]:
+    """The result-neutral fields of an options dataclass, as plain data: what a stage folder records
+    for information only."""
+    return {option_key(f): _plain(getattr(instance, f.name)) for f in dataclasses.fields(instance) if f.metadata.get("neutral")}
+
+
 def neutral_keys(cls: type) -> list[str]:
     return [option_key(f) for f in dataclasses.fields(cls) if f.metadata.get("neutral")]
 

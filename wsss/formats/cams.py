@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from wsss.classes import NUM_CLASSES
+from wsss.classes import NUM_CLASSES, class_ids_from, label_values_of
 from wsss.errors import DataError
 from wsss.formats import irn, psa
 from wsss.io import atomic_path
@@ -62,9 +62,9 @@ def write_cam_file(path: Path, output_format: str, classes: np.ndarray, cams: np
     ``layer_maps``), ``irn`` or ``psa`` (float32 maps, 0-based class indices, no room for per-layer
     maps). ``classes`` are label values 1..20."""
     if output_format == "irn":
-        irn.write_irn_cams(path, classes - 1, cams)
+        irn.write_irn_cams(path, class_ids_from(classes), cams)
     elif output_format == "psa":
-        psa.write_psa_cams(path, classes - 1, cams)
+        psa.write_psa_cams(path, class_ids_from(classes), cams)
     else:
         write_cams(path, classes, cams.astype(np.float16), **(layer_maps or {}))
 
@@ -146,17 +146,18 @@ def _check_maps(path: Path, name: str, maps: Any, classes: np.ndarray) -> np.nda
     return maps
 
 
-def _check_classes(path: Path, name: str, values: Any, offset: int) -> np.ndarray:
-    """Label values (1..20) from ``values``; ``offset`` is 1 for IRN's 0-based keys."""
+def _check_classes(path: Path, name: str, values: Any, zero_based: bool) -> np.ndarray:
+    """Label values (1..20) from ``values``: label values, or with ``zero_based`` IRN's/PSA's class indices."""
     classes = np.asarray(values)
     if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "iu"):
         raise DataError(f"{path}: '{name}' must be a 1-D integer array, got shape {classes.shape} dtype {classes.dtype}")
-    classes = classes.astype(np.int64) + offset
-    allowed = f"0..{NUM_CLASSES - 1} (0-based, no background)" if offset else f"1..{NUM_CLASSES}"
+    as_stored = classes.tolist()  # the messages show the values as the file holds them
+    classes = label_values_of(classes) if zero_based else classes.astype(np.int64)
+    allowed = f"0..{NUM_CLASSES - 1} (0-based, no background)" if zero_based else f"1..{NUM_CLASSES}"
     if classes.size and (classes.min() < 1 or classes.max() > NUM_CLASSES):
-        raise DataError(f"{path}: '{name}' values must be in {allowed}, got {(classes - offset).tolist()}")
+        raise DataError(f"{path}: '{name}' values must be in {allowed}, got {as_stored}")
     if len(np.unique(classes)) != len(classes):
-        raise DataError(f"{path}: '{name}' has repeated classes {(classes - offset).tolist()}")
+        raise DataError(f"{path}: '{name}' has repeated classes {as_stored}")
     return classes
 
 
@@ -175,7 +176,7 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:  # zip/pickle/format errors: the file is damaged or not an npz
         raise DataError(f"{path}: cannot read CAM file ({type(exc).__name__}: {exc})") from None
-    classes = _check_classes(path, "classes", raw_classes, offset=0)
+    classes = _check_classes(path, "classes", raw_classes, zero_based=False)
     if len(parts) == 1:
         return part_maps[0], classes, name
     # "stage4+stage5": eq. 9's fusion of those layers without tanh scaling (they are stored
@@ -207,7 +208,7 @@ def _read_irn(path: Path, data: dict, key: str | None) -> tuple[np.ndarray, np.n
     if absent:
         raise DataError(f"{path}: missing entries {absent} (has {sorted(map(str, data))})")
     maps = data[name]
-    classes = _check_classes(path, "keys", data["keys"], offset=1)
+    classes = _check_classes(path, "keys", data["keys"], zero_based=True)
     if isinstance(maps, np.ndarray) and maps.ndim == 3 and maps.shape[0] == len(classes) + 1:
         raise DataError(
             f"{path}: '{name}' has {maps.shape[0]} maps for {len(classes)} keys; a background channel "
@@ -222,7 +223,7 @@ def _read_psa(path: Path, data: dict, key: str | None, image_size: tuple[int, in
     indices, maps = psa.psa_class_maps(path, data)
     if maps is None:  # no classes, so no map to take the size from
         maps = np.zeros((0, *(image_size or (0, 0))), np.float32)
-    return maps, _check_classes(path, "class indices", indices, offset=1), "maps"
+    return maps, _check_classes(path, "class indices", indices, zero_based=True), "maps"
 
 
 def read_cams(path: str | Path, key: str | None = None, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:

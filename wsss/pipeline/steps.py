@@ -191,9 +191,7 @@ def train_classifier_step(run: Run) -> dict[str, Any]:
 
 
 def cams_step(run: Run) -> dict[str, Any]:
-    from wsss.stages.cams import make_cams
-
-    from wsss.stages.cams import CamOptions
+    from wsss.stages.cams import CamOptions, make_cams
 
     variants = run.cam_variants()
     for name, variant in variants.items():

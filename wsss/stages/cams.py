@@ -35,8 +35,8 @@ from wsss.errors import ConfigError
 from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_files_in, cam_path, is_complete
 from wsss.formats.images import image_size
 from wsss.io import ensure_output_dir
-from wsss.options import (add_options, check_choices, check_positive_list, check_range, neutral_keys, option,
-                          options_from_args, result_params)
+from wsss.options import (add_options, check_choices, check_positive_list, check_range, option, options_from_args,
+                          resource_values, result_params)
 from wsss.options import scales as scales_option
 from wsss.records import claim_folder, file_digest, module_digest
 from wsss.systems.checkpoints import load_classifier, load_torchvision_classifier
@@ -137,7 +137,7 @@ def make_cams(
     for out_dir, variant in folders.items():
         claim_folder(out_dir, "cams", **cam_record(variant, options, output_format, classifier_identity, image_labels.identity()),
                      overwrite=overwrite, existing=cam_files_in(out_dir), what="CAM files", writer=is_global_zero(),
-                     resources={k: getattr(options, k) for k in neutral_keys(CamOptions)},
+                     resources=resource_values(options),
                      sources={"classifier": source, "data_root": layout.root, "labels": image_labels.description})
     # Variants are named after their folder in the predictor's items and the writer.
     predictor = CamPredictor(model, {str(d): v for d, v in folders.items()}, options.gamma, options.scales, options.flip,

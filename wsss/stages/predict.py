@@ -18,7 +18,8 @@ from wsss.errors import ConfigError
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.options import add_options, check_choices, check_positive_list, check_range, neutral_keys, option, options_from_args, result_params
+from wsss.options import (add_options, check_choices, check_positive_list, check_range, option, options_from_args,
+                          resource_values, result_params)
 from wsss.options import scales as scales_option
 from wsss.records import claim_folder, file_digest
 from wsss.systems.checkpoints import load_segmenter
@@ -88,7 +89,7 @@ def predict_segmentation(
     out_dir = ensure_output_dir(out_dir)
     claim_folder(out_dir, "predict-seg", result_params(options), {"segmenter": f"sha256:{file_digest(checkpoint)}"}, overwrite=overwrite,
                  existing=label_pngs_in(out_dir), what="label PNGs", writer=is_global_zero(),
-                 resources={k: getattr(options, k) for k in neutral_keys(PredictOptions)},
+                 resources=resource_values(options),
                  sources={"checkpoint": Path(checkpoint).resolve(), "data_root": layout.root})
     todo = ids if overwrite else missing_label_pngs(out_dir, ids, options.png_mode)
     if not todo:

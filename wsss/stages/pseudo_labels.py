@@ -29,7 +29,8 @@ from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, is_valid_label_png,
 from wsss.io import ensure_output_dir
 from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
-from wsss.options import OptionError, add_options, check_choices, check_range, default_workers, neutral_keys, option, options_from_args, result_params
+from wsss.options import (OptionError, add_options, check_choices, check_range, default_workers, option, options_from_args,
+                          resource_values, result_params)
 from wsss.records import claim_folder, folder_identity
 from wsss.systems.predictors import PassThroughPredictor
 from wsss.systems.writers import PseudoLabelWriter
@@ -227,7 +228,7 @@ def make_pseudo_labels(
         )
     claim_folder(out_dir, "pseudo-labels", pseudo_label_params(options, key), {"cams": folder_identity(cam_dir)}, overwrite=overwrite,
                  existing=label_pngs_in(out_dir), what="label PNGs", writer=is_global_zero(),
-                 resources={k: getattr(options, k) for k in neutral_keys(PseudoLabelOptions)},
+                 resources=resource_values(options),
                  sources={"cams": Path(cam_dir).resolve(), "data_root": layout.root})
     jobs = [PseudoLabelJob(i, layout.image_path(i), cam_files[i], out_dir / f"{i}.png") for i in ids if i in cam_files]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import argparse
 import copy
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from wsss.formats.cams import cam_files_in, find_cam_files, is_complete, read_ca
 from wsss.formats.images import image_size, read_image
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs, read_label_png, write_label_png
 from wsss.formats.torch_files import read_checkpoint
-from wsss.options import add_options, check_choices, check_range, neutral_keys, option, options_from_args, result_params
+from wsss.options import add_options, check_choices, check_range, option, options_from_args, resource_values, result_params
 from wsss.pseudo import cam_seed_labels
 from wsss.records import claim_folder, file_digest, folder_identity, read_record
 from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
@@ -201,7 +202,9 @@ def train_affinity(system: AffinitySystem, layout: VOCLayout, ids: list[str], se
                          callbacks=[checkpoint], plugins=[SafeCheckpointIO()], enable_progress_bar=progress, enable_model_summary=False,
                          log_every_n_steps=10, limit_val_batches=0, num_sanity_val_steps=0)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+    with warnings.catch_warnings():  # the frozen trunk is in eval mode on purpose (its BatchNorm statistics stay)
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
+        trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
     return int(trainer.global_step)
 
 
@@ -231,7 +234,7 @@ def make_refined_cams(
     summary = RefineSummary(images=len(ids), walk_mib=check_walk_memory(layout, ids, options))
     params = result_params(options)
     inputs = {"classifier": classifier_identity, "cams": folder_identity(cam_dir)}
-    resources = {k: getattr(options, k) for k in neutral_keys(RefineOptions)}
+    resources = resource_values(options)
     sources = {"checkpoint": Path(checkpoint).resolve(), "cams": cam_dir.resolve(), "data_root": layout.root}
     seed_dir, ckpt_dir, refined_dir, label_dir = out / "seeds", out / "affinity", out / "cams", out / "labels"
     checkpoints = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / "finished.ckpt") if p.is_file()]

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from wsss.cams import FUSIONS, METHODS, cams_at_image_size, compute_cam_sets, resolve_layers, view_of
-from wsss.classes import class_ids_of
+from wsss.classes import class_ids_of, label_values_of
 from wsss.errors import ConfigError
 from wsss.options import OptionError, check_choices, check_range, option
 from wsss.crf import dense_crf
@@ -118,7 +118,7 @@ class CamPredictor(pl.LightningModule):
         results = []
         for index, (image_id, size) in enumerate(zip(batch["id"], batch["size"])):
             size = tuple(int(s) for s in size)
-            classes = np.asarray(class_ids[index], dtype=np.int64) + 1
+            classes = label_values_of(class_ids[index])
             if not len(classes):  # no image-level class: nothing to explain, K = 0
                 empty = np.zeros((0, *size), dtype=np.float16)
                 variants = {name: {"cams": np.zeros((0, *size), np.float32), "layers": {layer: empty for layer in v.layers}}
