@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 from scipy.ndimage import gaussian_filter
 
@@ -308,7 +307,7 @@ def _metric_process(rank: int, world_size: int, port: int, out_dir: str) -> None
         for pred, gt in _label_maps(0)[rank::world_size]:  # uneven: 3 pairs on rank 0, 2 on rank 1
             metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
         local = metric.confusion.clone()
-        scores = metric.compute()  # syncs: counts summed over both processes
+        scores = metric.scores()  # syncs: counts summed over both processes
         np.savez(Path(out_dir) / f"rank{rank}.npz", local=local.numpy(), confusion=scores.confusion, miou=scores.miou)
     finally:
         dist.destroy_process_group()
@@ -328,7 +327,7 @@ def test_segmentation_metric_sums_counts_across_processes(tmp_path):
         single.update(torch.from_numpy(pred), torch.from_numpy(gt))
         keep = gt != 255  # independent count: NumPy, pixel by pixel
         np.add.at(expected, (gt[keep], pred[keep]), 1)
-    single_scores = single.compute()
+    single_scores = single.scores()
     np.testing.assert_array_equal(single_scores.confusion, expected)
     locals_ = []
     for rank in range(2):

@@ -60,7 +60,7 @@ def test_matches_independent_numpy_reference():
     pred, target = random_maps(rng, (4, 37, 41), present)
     metric = SegmentationMetric()
     metric.update(torch.from_numpy(pred), torch.from_numpy(target))
-    scores = metric.compute()
+    scores = metric.scores()
     expected = reference_iou(pred, target, NUM_LABELS, IGNORE_INDEX)
     np.testing.assert_allclose(scores.iou, expected, equal_nan=True)
     absent = [c for c in range(NUM_LABELS) if c not in present]
@@ -79,7 +79,7 @@ def test_matches_torchmetrics_on_present_classes():
     p, t = torch.from_numpy(pred).long(), torch.from_numpy(target).long()
     ours.update(p, t)
     theirs.update(p, t)
-    scores, reference = ours.compute(), theirs.compute().numpy()
+    scores, reference = ours.scores(), theirs.compute().numpy()
     np.testing.assert_allclose(scores.iou[present], reference[present], rtol=1e-6)
     # torchmetrics scores classes absent from pred and GT as 0; ours leaves them out (NaN) ...
     absent = [c for c in range(NUM_LABELS) if c not in present]
@@ -110,13 +110,13 @@ def test_updates_sum_counts_not_per_image_ious():
     metric = SegmentationMetric(num_classes=2)
     metric.update(pred_a, target_a)
     metric.update(pred_b, target_b)
-    summed = metric.compute()
+    summed = metric.scores()
 
     once = SegmentationMetric(num_classes=2)
     once.update(np.concatenate([pred_a.ravel(), pred_b.ravel()]),
                 np.concatenate([target_a.ravel(), target_b.ravel()]))
-    np.testing.assert_array_equal(summed.confusion, once.compute().confusion)
-    np.testing.assert_allclose(summed.iou, once.compute().iou)
+    np.testing.assert_array_equal(summed.confusion, once.scores().confusion)
+    np.testing.assert_allclose(summed.iou, once.scores().iou)
 
     # Summed counts: bg tp 102, union 103; class 1 tp 1, union 2.
     assert summed.miou == pytest.approx((102 / 103 + 1 / 2) / 2)
@@ -135,7 +135,7 @@ def test_merge_state_sums_like_ddp_reduction():
     second.update(pred[1], target[1])
     both.update(pred, target)
     first.merge_state(second)  # uses the state's dist_reduce_fx, as DDP sync does
-    np.testing.assert_array_equal(first.compute().confusion, both.compute().confusion)
+    np.testing.assert_array_equal(first.scores().confusion, both.scores().confusion)
 
 
 def test_reset_and_input_types_agree():
@@ -152,10 +152,10 @@ def test_reset_and_input_types_agree():
         np.testing.assert_array_equal(confusion_matrix(p, t), expected)
     metric = SegmentationMetric()
     metric.update(pred, target)
-    assert isinstance(metric.compute(), SegmentationScores)
+    assert isinstance(metric.scores(), SegmentationScores)
     metric.reset()
     metric.update(pred[:1], target[:1])
-    assert metric.compute().num_pixels == int((target[:1] != IGNORE_INDEX).sum())
+    assert metric.scores().num_pixels == int((target[:1] != IGNORE_INDEX).sum())
     assert count_confusion(torch.from_numpy(pred), torch.from_numpy(target)).dtype == torch.int64
 
 
@@ -211,3 +211,32 @@ def test_to_dict_is_json_and_table_lists_classes():
     assert "person" in table and "66.67" in table and "n/a" in table and "58.33" in table
     with pytest.raises(ValueError, match="names"):
         scores.to_dict(["a", "b"])
+
+
+def test_compute_returns_tensors_that_log_like_any_torchmetrics_metric():
+    """compute() is a dict of tensors (scalars for mIoU and accuracy), equal to the dataclass's
+    scores and to an independent count; the scalars go through LightningModule.log_dict."""
+    rng = np.random.default_rng(4)
+    pred, target = random_maps(rng, (2, 23, 19), [0, 2, 6])
+    metric = SegmentationMetric()
+    metric.update(pred, target)
+    computed, scores = metric.compute(), metric.scores()
+    assert all(isinstance(v, torch.Tensor) for v in computed.values())
+    assert computed["mIoU"].ndim == computed["pixel_accuracy"].ndim == 0 and computed["iou"].shape == (NUM_LABELS,)
+    expected = reference_iou(pred, target, NUM_LABELS, IGNORE_INDEX)
+    np.testing.assert_allclose(computed["iou"].numpy(), expected, equal_nan=True)
+    assert float(computed["mIoU"]) == pytest.approx(np.nanmean(expected)) == pytest.approx(scores.miou)
+    valid = target != IGNORE_INDEX
+    assert float(computed["pixel_accuracy"]) == pytest.approx((pred[valid] == target[valid]).mean())
+    np.testing.assert_array_equal(computed["confusion"].numpy(), scores.confusion)
+
+    import pytorch_lightning as pl
+
+    logged = {}
+
+    class Module(pl.LightningModule):
+        def log(self, name, value, *args, **kwargs):
+            logged[name] = value
+
+    Module().log_dict({k: v for k, v in computed.items() if v.ndim == 0})
+    assert set(logged) == {"mIoU", "pixel_accuracy"}

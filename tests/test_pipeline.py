@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 import yaml
 from PIL import Image
@@ -218,7 +217,13 @@ def test_png_mode_reaches_the_pseudo_label_and_predict_stages_and_their_hashes(t
     from wsss.errors import ConfigError
     from wsss.pipeline import load_config
     from wsss.pipeline.manifest import digest
-    from wsss.pipeline.steps import STEP_BY_NAME, Run, hashed_payload, predict_step, pseudo_labels_step
+    from wsss.pipeline.steps import (
+        STEP_BY_NAME,
+        Run,
+        hashed_payload,
+        predict_step,
+        pseudo_labels_step,
+    )
     from wsss.stages.pseudo_labels import PseudoLabelSummary
 
     calls = []

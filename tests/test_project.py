@@ -21,18 +21,26 @@ def test_pyproject_ignores_only_the_deprecation_warnings_it_names():
     assert _action_for(DeprecationWarning, "pytorch_lightning.cli") == "ignore"
 
 
-def test_importing_wsss_turns_off_onednns_per_shape_cache_unless_the_user_set_it():
-    """oneDNN keeps primitives for every input shape (memory grew with the number of VOC photos);
-    the setting must be in the environment before the first convolution, so `import wsss` sets it."""
+def test_onednns_per_shape_cache_is_the_commands_setting_not_an_import_side_effect():
+    """oneDNN keeps primitives for every input shape (memory grew with the number of VOC photos), so
+    the `wsss` commands turn the cache off, unless the user set it; importing wsss (the CAM engine
+    included) leaves another program's environment as it was."""
     import os
     import subprocess
     import sys
 
-    show = "import torch, wsss, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    imports = "import os, torch, wsss, wsss.cams, wsss.stages.cams; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    command = ("import os, contextlib\nfrom wsss.cli import main\nwith contextlib.suppress(SystemExit), contextlib.redirect_stdout(None):\n"
+               "    main(['check-data', '--help'])\nprint(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "0"
+
+    def shown(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert shown(imports) == "None"
+    assert shown(command) == "0"
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "256"
-    assert subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True).stdout.strip() == "256"
+    assert shown(imports) == shown(command) == "256"
 
 
 def test_readme_stage_options_are_generated_from_the_option_classes():

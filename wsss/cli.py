@@ -5,6 +5,7 @@ import importlib
 import logging
 import sys
 
+from wsss import limit_onednn_cache
 from wsss.errors import WsssError
 from wsss.parallel import end_process_group
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsss: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    limit_onednn_cache()  # before any stage module (and torch's first convolution) runs
     module_name, function_name = SUBCOMMANDS[command][0].split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
     try:

@@ -199,8 +199,10 @@ class SegmentationMetric(Metric):
     """torchmetrics wrapper around :func:`count_confusion`.
 
     The state is the summed confusion matrix (``dist_reduce_fx="sum"``), so under DDP counts are
-    summed across processes and only then turned into scores. ``compute()`` returns
-    :class:`SegmentationScores`.
+    summed across processes and only then turned into scores. ``compute()`` returns tensors, as
+    torchmetrics metrics do: ``{"mIoU": scalar, "pixel_accuracy": scalar, "iou": per class (NaN for
+    a class in neither), "confusion": the summed counts}``, so the scalars log with ``log_dict``;
+    :meth:`scores` gives the same as :class:`SegmentationScores` for tables and reports.
     """
 
     is_differentiable = False
@@ -227,6 +229,13 @@ class SegmentationMetric(Metric):
         counts = count_confusion(pred, target, self.num_classes, self.ignore_index)
         self.confusion += counts.to(self.confusion.device)
 
-    def compute(self) -> SegmentationScores:  # type: ignore[override]
-        """Scores of everything seen since the last ``reset()``."""
-        return scores_from_confusion(self.confusion)
+    def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Scores of everything seen since the last ``reset()`` (float64; under DDP of every process)."""
+        scores = scores_from_confusion(self.confusion)
+        return {"mIoU": torch.tensor(scores.miou, dtype=torch.float64),
+                "pixel_accuracy": torch.tensor(scores.pixel_accuracy, dtype=torch.float64),
+                "iou": torch.from_numpy(np.asarray(scores.iou, np.float64)), "confusion": self.confusion.clone()}
+
+    def scores(self) -> SegmentationScores:
+        """:meth:`compute`'s scores (synced like it) as a :class:`SegmentationScores`."""
+        return scores_from_confusion(self.compute()["confusion"])

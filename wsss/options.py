@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from wsss.errors import ConfigError
 
 IRN_SCALES = (1.0, 0.5, 1.5, 2.0)  # ``--scales irn``: IRN's make_cam.py views
@@ -147,6 +149,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------- files and typed values
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``); ConfigError naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` of a field (lists become tuples); ConfigError naming ``where``."""
+    if isinstance(hint, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return coerce_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{where}' must be {' or '.join(_type_name(o) for o in typing.get_args(hint))}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, list):
+            return tuple(coerce_value(v, item, f"{where}[{n}]") for n, v in enumerate(value))
+        raise ConfigError(f"'{where}' must be a list, got {value!r}")
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"'{where}' must be {_type_name(hint)}, got {value!r}")
+
+
+
 # ----------------------------------------------------------------------------- command lines
 
 
@@ -181,6 +236,65 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] 
         choices = f.metadata.get("choices")
         parser.add_argument(flag_of(f), dest=f.name, type=_parser_for(hints[f.name], f), default=default, choices=choices,
                             help=f"{text} (default: {shown if shown not in ('', None) else 'none'})" + (" [speed only: never changes results]" if f.metadata.get("neutral") else ""))
+
+
+CONFIG_HELP = ("YAML file of this command's options, keyed by the long flags without '--' (fusion: mean, "
+               "data_root: ..., the keys of wsss run's section); flags on the command line win")
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str], *classes: type) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--config FILE`` added: the file's values become the
+    defaults (each checked against the field's type in ``classes``, or the flag's own type), so a
+    flag given on the command line wins. Unknown keys are refused with suggestions."""
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
+    path = _config_argument(argv)
+    if path is not None:
+        by_key = {_long_flag(a).replace("-", "_"): a for a in parser._actions if _long_flag(a) and a.dest not in ("help", "config")}
+        raw = read_yaml(Path(path), "options file")
+        unknown = sorted(set(raw) - set(by_key))
+        if unknown:
+            raise ConfigError(f"{path}: {unknown_keys_error(f'the {parser.prog} options', unknown, by_key)}")
+        hints = {f.name: typing.get_type_hints(cls)[f.name] for cls in classes for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            action = by_key[key]
+            parser.set_defaults(**{action.dest: _file_value(action, hints.get(action.dest), value, f"{path}: {key}")})
+            action.required = False  # the file gave it
+            for group in parser._mutually_exclusive_groups:  # e.g. --checkpoint | --model: one of them given
+                if action in group._group_actions:
+                    group.required = False
+    return parser.parse_args(argv)
+
+
+def _long_flag(action: argparse.Action) -> str | None:
+    """``--fusion`` -> ``fusion`` (of ``--flip/--no-flip``: ``flip``)."""
+    return next((s[2:] for s in action.option_strings if s.startswith("--")), None)
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    for n, arg in enumerate(argv):
+        if arg == "--config" and n + 1 < len(argv):
+            return argv[n + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _file_value(action: argparse.Action, hint: Any, value: Any, where: str) -> Any:
+    """An options file's ``value`` for ``action``: typed like the dataclass field, or like the flag."""
+    if hint is not None and value is not None:
+        return coerce_value(value, hint, where)
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be true or false, got {value!r}")
+        return value
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"'{where}' {value!r} unknown; choose from {', '.join(map(str, action.choices))}")
+    if value is None or action.type is None:
+        return value
+    try:
+        return [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"'{where}' {exc}") from None
 
 
 def options_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:

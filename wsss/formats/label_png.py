@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsss.classes import IGNORE_INDEX, NUM_LABELS, voc_palette
+from wsss.classes import IGNORE_INDEX, NUM_LABELS, LabelSet, voc_palette
 from wsss.errors import ConfigError, DataError
 from wsss.formats.images import decode, image_info, open_header
 from wsss.io import atomic_path
@@ -40,11 +40,17 @@ def _values_present(label_map: np.ndarray) -> np.ndarray:
     return np.unique(label_map)
 
 
-def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
+def _allowed_values(labels: LabelSet) -> np.ndarray:
+    allowed = np.zeros(256, bool)
+    allowed[: labels.num_labels] = allowed[labels.ignore] = allowed[255] = True
+    return allowed
+
+
+def read_label_png(path: str | Path, check_values: bool = True, labels: LabelSet | None = None) -> np.ndarray:
     """Label map of an index or palette PNG as (H, W) uint8.
 
     With ``check_values`` every value must be 0..20 or 255 (DataError naming the file and the bad
-    values otherwise). Without it, values of 16/32-bit PNGs must still fit in uint8: they are never
+    values otherwise); with a ``labels`` set, a value of that set, its ignore value or 255. Without it, values of 16/32-bit PNGs must still fit in uint8: they are never
     wrapped (300 would become 44). An RGB PNG is refused: its colours would have to be guessed back
     into labels.
     """
@@ -56,9 +62,11 @@ def read_label_png(path: str | Path, check_values: bool = True) -> np.ndarray:
     label_map = np.asarray(decode(image, path))
     if check_values:
         present = _values_present(label_map)
-        bad = present[(present < 0) | (present > 255) | ~_ALLOWED[np.clip(present, 0, 255)]]
+        allowed = _ALLOWED if labels is None else _allowed_values(labels)
+        bad = present[(present < 0) | (present > 255) | ~allowed[np.clip(present, 0, 255)]]
         if bad.size:
-            raise DataError(f"{path}: label values outside 0..{NUM_LABELS - 1} and {IGNORE_INDEX}: {bad[:10].tolist()}")
+            last, extra = (NUM_LABELS - 1, [IGNORE_INDEX]) if labels is None else (labels.num_labels - 1, sorted({labels.ignore, 255}))
+            raise DataError(f"{path}: label values outside 0..{last} and {', '.join(map(str, extra))}: {bad[:10].tolist()}")
     elif label_map.dtype != np.uint8:
         present = _values_present(label_map)
         bad = present[(present < 0) | (present > 255)]

@@ -27,6 +27,13 @@ def load_torch_file(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 and plain pickles start with the
+    # pickle protocol byte 0x80. Anything else is not a torch file: say so instead of a KeyError.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise WeightsError(f"{path} is not a torch file ({what}): torch.save writes a zip archive or a pickle, "
+                           f"this file starts with {head!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's own text is a page of advice; keep the offending name

@@ -9,17 +9,14 @@ by the stages' parsers (:func:`wsss.pipeline.steps.check_training_configs`).
 """
 from __future__ import annotations
 
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wsss.errors import ConfigError
-from wsss.options import OptionError, check_range, option, option_key, same_option, unknown_keys_error
+from wsss.options import OptionError, check_range, coerce_value, option, option_key, read_yaml, same_option, unknown_keys_error
 from wsss.stages.cams import CamOptions
 from wsss.stages.eval_cams import EvalCamsOptions
 from wsss.stages.predict import PredictOptions
@@ -29,19 +26,6 @@ from wsss.systems.predictors import CamVariant
 
 # CAM baselines a run may add (method -> its folder under OUT/cams/).
 BASELINES = {"gradcam": "gradcam", "gradcam++": "gradcampp"}
-
-
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file holding a mapping (empty file: ``{}``); ConfigError naming the file otherwise."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    return raw
 
 
 @dataclass(frozen=True)
@@ -179,42 +163,6 @@ def _key(f) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` checked against the type ``hint`` of a field (lists become tuples); ConfigError naming ``where``."""
-    if isinstance(hint, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"'{where}' must be {' or '.join(_type_name(o) for o in typing.get_args(hint))}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        if isinstance(value, list):
-            return tuple(_coerce(v, item, f"{where}[{n}]") for n, v in enumerate(value))
-        raise ConfigError(f"'{where}' must be a list, got {value!r}")
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"'{where}' must be {_type_name(hint)}, got {value!r}")
-
-
 def _section(path: Path, name: str, cls: type, value: Any) -> Any:
     """A section dataclass from its YAML mapping: unknown keys refused with the valid ones."""
     if value is None:
@@ -227,7 +175,7 @@ def _section(path: Path, name: str, cls: type, value: Any) -> Any:
         raise unknown_keys_error(f"'{name}'", unknown, by_key)
     hints = typing.get_type_hints(cls)
     try:
-        return cls(**{f.name: _coerce(value[key], hints[f.name], f"{name}.{key}") for key, f in by_key.items() if key in value})
+        return cls(**{f.name: coerce_value(value[key], hints[f.name], f"{name}.{key}") for key, f in by_key.items() if key in value})
     except OptionError as exc:  # one check, named as the YAML names it
         field_ = next((f for f in fields(cls) if f.name == exc.name), None)
         raise ConfigError(f"{name}.{_key(field_) if field_ else exc.name} {exc.problem}") from None
@@ -242,11 +190,31 @@ def _training_section(path: Path, name: str, value: Any) -> TrainingSection:
     return TrainingSection(stage_yaml, {k: v for k, v in value.items() if k != "config"})
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
-    """The pipeline YAML at ``path`` (top-level ``overrides`` that are not None win, e.g. ``--out``),
-    every key checked, defaults filled in."""
+def with_dotted(raw: dict[str, Any], dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``{"cams.fusion": "mean", "segmenter.trainer.max_steps": 100}`` applied: a key
+    of one of our sections is set in it; a training section keeps the rest of the key dotted and
+    last, so that it wins over the same key nested in the YAML."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in dotted.items():
+        section, _, rest = key.partition(".")
+        if not rest:
+            raw[section] = value
+            continue
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {} if raw.get(section) is None else raw[section]
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--{key}: '{section}' is not a section ({raw[section]!r})")
+        raw[section].pop(rest, None)
+        raw[section][rest] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, dotted: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """The pipeline YAML at ``path`` (top-level ``overrides`` that are not None win, e.g. ``--out``;
+    then ``dotted`` keys such as ``cams.fusion``, :func:`with_dotted`), every key checked, defaults
+    filled in."""
     path = Path(path)
-    raw = read_yaml(path, "pipeline config")
+    raw = with_dotted(read_yaml(path, "pipeline config"), dotted or {})
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     valid = [f.name for f in fields(PipelineConfig)]
     unknown = sorted(set(raw) - set(valid))
@@ -263,7 +231,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
             elif name in raw:
                 if raw[name] is None or isinstance(raw[name], (dict, list)):
                     raise ConfigError(f"'{name}' must be a single value, got {raw[name]!r}")
-                values[name] = _coerce(raw[name], hints[name], name)
+                values[name] = coerce_value(raw[name], hints[name], name)
         if values.get("data_root") is None:
             raise ConfigError("data_root is required: a VOC2012 folder (or VOCdevkit, or its parent), or 'toy' for the built-in "
                               "toy dataset (in the YAML, or --data-root)")

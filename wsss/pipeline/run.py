@@ -211,6 +211,27 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # Lightning's own, once per Trainer
 
 
+def dotted_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> dict[str, Any]:
+    """``["--cams.fusion", "mean", "--segmenter.trainer.max_steps=100"]`` -> ``{"cams.fusion": "mean",
+    "segmenter.trainer.max_steps": 100}``: each value read as YAML; anything else is an argparse error."""
+    overrides: dict[str, Any] = {}
+    tokens = list(tokens)
+    while tokens:
+        token = tokens.pop(0)
+        key, has_value, text = token[2:].partition("=")
+        if not token.startswith("--") or "." not in key:
+            parser.error(f"unrecognized argument {token!r} (pipeline keys are overridden as --section.key VALUE)")
+        if not has_value:
+            if not tokens or tokens[0].startswith("--"):
+                parser.error(f"{token} needs a value")
+            text = tokens.pop(0)
+        try:
+            overrides[key.replace("-", "_")] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            overrides[key.replace("-", "_")] = text
+    return overrides
+
+
 def main(argv: list[str]) -> int:
     """``wsss run``: see ``--help``."""
     parser = argparse.ArgumentParser(
@@ -225,8 +246,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration (every default filled in) and exit")
     parser.add_argument("--explain", action="store_true", help="print, per step, whether it would run or be reused and why; run nothing")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, {"data_root": args.data_root, "out": args.out})
+    parser.epilog = ("Any key of the pipeline YAML can be overridden with a dotted flag: --cams.fusion mean, "
+                     "--pseudo.threshold 0.25, --segmenter.trainer.max_steps 100 (values read as YAML: 0.25, [a, b], null).")
+    args, rest = parser.parse_known_args(argv)
+    config = load_config(args.config, {"data_root": args.data_root, "out": args.out}, dotted_overrides(parser, rest))
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

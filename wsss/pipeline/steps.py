@@ -16,8 +16,8 @@ from typing import Any
 
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError, DataError
-from wsss.options import OptionError, narrowed, result_params
-from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection, read_yaml
+from wsss.options import OptionError, narrowed, read_yaml, result_params
+from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection
 from wsss.pipeline.manifest import read_manifest
 from wsss.pipeline.results import build_results
 from wsss.systems.predictors import CamVariant

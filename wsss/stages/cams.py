@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 from torchvision.models import VisionTransformer
 
+from wsss import limit_onednn_cache
 from wsss.cams import VIEW_WEIGHTINGS
 from wsss.classes import CLASS_NAMES, NUM_CLASSES
 from wsss.data import resolve_data_root
@@ -36,7 +37,7 @@ from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_files_in, cam_path, is_compl
 from wsss.formats.images import image_size
 from wsss.io import ensure_output_dir
 from wsss.options import (add_options, check_choices, check_positive_list, check_range, option, options_from_args,
-                          resource_values, result_params)
+                          parse_stage_args, resource_values, result_params)
 from wsss.options import scales as scales_option
 from wsss.records import claim_folder, file_digest, module_digest
 from wsss.systems.checkpoints import load_classifier, load_torchvision_classifier
@@ -118,6 +119,7 @@ def make_cams(
     ``strategy`` goes to the Trainer: under DDP each image is written by exactly one process, and
     the counts are everyone's.
     """
+    limit_onednn_cache()
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown CAM output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     if output_format != "npz" and any(v.save_layers for v in outputs.values()):
@@ -184,7 +186,7 @@ def main(argv: list[str]) -> int:
     parser.set_defaults(layers=None, scaled_layers=None)  # their defaults are our classifier's; a --model names its own
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist (and replace a folder made with other settings)")
     parser.add_argument("--strategy", default="auto", help="e.g. ddp")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv, CamVariant, CamOptions)
     start = time.perf_counter()
     if args.model is None:
         if args.weights is not None:

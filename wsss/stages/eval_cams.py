@@ -21,9 +21,9 @@ from wsss.formats.cams import find_cam_files, list_cam_ids, read_cams
 from wsss.formats.label_png import missing_label_pngs, read_label_png
 from wsss.io import write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
+from wsss.options import OptionError, add_options, check_range, option, options_from_args, parse_stage_args
 from wsss.parallel import sum_in_chunks
 from wsss.pseudo import DEFAULT_THRESHOLD, cam_best_class, seed_labels_from_best
-from wsss.options import OptionError, add_options, check_range, option, options_from_args
 from wsss.stages import options
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
     add_options(parser, EvalCamsOptions, skip=("workers",))
     options.add_evaluation_arguments(parser, list_help="file of ids (default: every CAM file in --cams)",
                                      json_help="also write per-threshold scores to this JSON file", workers_help="worker processes (default: all CPUs)")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv, EvalCamsOptions)
     options.check_evaluation_arguments(args)
     thresholds = parse_thresholds(options_from_args(EvalCamsOptions, args).thresholds)
 

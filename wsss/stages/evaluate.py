@@ -14,6 +14,7 @@ for methods that leave uncertain pixels unlabelled. Predictions may be index (``
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -22,33 +23,34 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
+from wsss.classes import IGNORE_INDEX, LABEL_SETS, LabelSet, label_set
 from wsss.errors import DataError, name_some
 from wsss.formats.label_png import list_label_ids, missing_label_pngs, read_label_png
 from wsss.io import write_json
 from wsss.metrics import SegmentationScores, confusion_matrix, scores_from_confusion
+from wsss.options import parse_stage_args
 from wsss.parallel import sum_in_chunks
 from wsss.stages import options
 
 log = logging.getLogger(__name__)
 
 
-UNLABELLED = NUM_LABELS  # confusion column of prediction pixels labelled 255
-
-
-def pair_confusion(pred_path: Path, gt_path: Path) -> np.ndarray:
-    """(21, 22) confusion of one prediction PNG vs its GT mask: columns 0..20 the predicted labels,
-    column 21 the pixels the prediction leaves unlabelled (255)."""
-    pred = read_label_png(pred_path)
-    gt = read_label_png(gt_path)
+def pair_confusion(pred_path: Path, gt_path: Path, labels: LabelSet = LABEL_SETS["voc"]) -> np.ndarray:
+    """(L, L + 1) confusion of one prediction PNG vs its GT mask (L = ``labels.num_labels``, 21 for
+    VOC): columns 0..L-1 the predicted labels, column L the pixels the prediction leaves unlabelled
+    (255); GT ``labels.ignore`` left out."""
+    pred = read_label_png(pred_path, labels=labels)
+    gt = read_label_png(gt_path, labels=labels)
     if pred.shape != gt.shape:
         raise DataError(f"{pred_path}: prediction is {pred.shape[0]}x{pred.shape[1]} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
-    pred = np.where(pred == IGNORE_INDEX, np.uint8(UNLABELLED), pred)
-    return confusion_matrix(pred, gt, NUM_LABELS + 1, IGNORE_INDEX)[:NUM_LABELS]
+    unlabelled = labels.num_labels
+    pred = np.where(pred == IGNORE_INDEX, np.uint8(unlabelled), pred)
+    return confusion_matrix(pred, gt, unlabelled + 1, labels.ignore)[:unlabelled]
 
 
-def _confusion_of_chunk(pairs: list[tuple[Path, Path]]) -> tuple[int, np.ndarray]:
-    return len(pairs), sum((pair_confusion(pred, gt) for pred, gt in pairs), np.zeros((NUM_LABELS, NUM_LABELS + 1), np.int64))
+def _confusion_of_chunk(pairs: list[tuple[Path, Path]], labels: LabelSet) -> tuple[int, np.ndarray]:
+    empty = np.zeros((labels.num_labels, labels.num_labels + 1), np.int64)
+    return len(pairs), sum((pair_confusion(pred, gt, labels) for pred, gt in pairs), empty)
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,14 @@ class LabelScores:
     labelled_share: float
 
     @classmethod
-    def from_confusion(cls, confusion: np.ndarray) -> LabelScores:
-        """From a (21, 22) confusion whose last column counts unlabelled pixels."""
-        as_background = confusion[:, :NUM_LABELS].copy()
-        as_background[:, 0] += confusion[:, UNLABELLED]
+    def from_confusion(cls, confusion: np.ndarray, background: int = 0) -> LabelScores:
+        """From an (L, L + 1) confusion whose last column counts unlabelled pixels."""
+        num_labels = confusion.shape[0]
+        as_background = confusion[:, :num_labels].copy()
+        as_background[:, background] += confusion[:, num_labels]
         total = confusion.sum()
-        return cls(scores_from_confusion(as_background), scores_from_confusion(confusion[:, :NUM_LABELS]),
-                   float(1 - confusion[:, UNLABELLED].sum() / total) if total else float("nan"))
+        return cls(scores_from_confusion(as_background), scores_from_confusion(confusion[:, :num_labels]),
+                   float(1 - confusion[:, num_labels].sum() / total) if total else float("nan"))
 
 
 def evaluate_label_maps(
@@ -81,6 +84,7 @@ def evaluate_label_maps(
     skip_missing: bool = False,
     chunk_size: int = 32,
     progress: bool = False,
+    labels: str | Path | LabelSet = "voc",
 ) -> LabelScores:
     """:class:`LabelScores` of ``pred_dir/<id>.png`` against ``gt_dir/<id>.png`` over ``ids``, from
     one confusion summed over the split.
@@ -91,6 +95,7 @@ def evaluate_label_maps(
         ids: image ids to evaluate.
         workers: decoding processes.
         skip_missing: leave out ids without a prediction (logged) instead of raising.
+        labels: the dataset's label set (:func:`wsss.classes.label_set`: ``voc``, ``coco`` or a file).
 
     Raises:
         DataError naming the file: missing GT or prediction, size mismatch, bad values.
@@ -112,7 +117,9 @@ def evaluate_label_maps(
         if not ids:
             raise DataError(f"no prediction in {pred_dir} for any of the listed ids")
     pairs = [(pred_dir / f"{i}.png", gt_dir / f"{i}.png") for i in ids]
-    return LabelScores.from_confusion(sum_in_chunks(_confusion_of_chunk, pairs, workers, chunk_size, "evaluate", progress))
+    labels = label_set(labels)
+    confusion = sum_in_chunks(functools.partial(_confusion_of_chunk, labels=labels), pairs, workers, chunk_size, "evaluate", progress)
+    return LabelScores.from_confusion(confusion, labels.background)
 
 
 def evaluate_labels(pred_dir: str | Path, gt_dir: str | Path, ids: Sequence[str], **kwargs) -> SegmentationScores:
@@ -131,9 +138,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pred", required=True, type=Path, help="folder of <id>.png predictions (index or palette PNGs)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks (e.g. VOC2012/SegmentationClass)")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a prediction (reported) instead of failing")
+    parser.add_argument("--labels", default="voc", help="label set of the masks: voc (21 labels, default), coco (81: background + "
+                        "COCO 2014's 80 things in category-id order), or a YAML/JSON file with 'names' (background included), "
+                        "optionally 'background' and 'ignore'")
     options.add_evaluation_arguments(parser, list_help="file of ids to evaluate (default: every PNG in --gt)",
                                      json_help="also write the scores to this JSON file", workers_help="decoding processes (default: all CPUs)")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv)
     options.check_evaluation_arguments(args)
 
     start = time.perf_counter()
@@ -144,9 +154,10 @@ def main(argv: list[str]) -> int:
                         "(pass --skip-missing to leave them out)")
     absent = set(missing)
     present = [i for i in ids if i not in absent]
-    label_scores = evaluate_label_maps(args.pred, args.gt, present, workers=args.workers, progress=True)
+    labels = label_set(args.labels)
+    label_scores = evaluate_label_maps(args.pred, args.gt, present, workers=args.workers, progress=True, labels=labels)
     scores = label_scores.scores
-    print(scores.table(LABEL_NAMES))
+    print(scores.table(labels.names))
     if label_scores.labelled_share < 1:
         print(f"the predictions label {100 * label_scores.labelled_share:.1f}% of the pixels (255 elsewhere, counted as background "
               f"above); on the labelled pixels: mIoU {100 * label_scores.labelled.miou:.2f}, "
@@ -155,14 +166,15 @@ def main(argv: list[str]) -> int:
           + (f"; {len(missing)} skipped (no prediction): {name_some(missing)}" if missing else ""))
     if args.json is not None:
         payload = {
-            **scores.to_dict(LABEL_NAMES),
+            **scores.to_dict(labels.names),
+            "label_set": labels.name,
             "num_images": len(present),
             "skipped_missing": missing,
             "pred_dir": str(args.pred),
             "gt_dir": str(args.gt),
             "convention": "GT 255 ignored; prediction 255 scored as background (0)",
             "labelled_share": label_scores.labelled_share,
-            "labelled": label_scores.labelled.to_dict(LABEL_NAMES),
+            "labelled": label_scores.labelled.to_dict(labels.names),
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,5 +37,23 @@ def listed_ids(list_file: Path | None, folder: Path, ids_in: Callable[[Path], li
     """The ids of ``--list``, or by default those of the ``what`` files in ``folder``."""
     ids = read_id_list(list_file) if list_file is not None else ids_in(folder)
     if not ids:
-        raise DataError(f"no {what} files in {folder}; pass --list")
+        if list_file is not None:
+            raise DataError(f"{list_file} lists no ids")
+        raise DataError(f"no {what} files in {folder}: {folder_contents(folder, masks=what == 'png')}")
     return ids
+
+
+def folder_contents(folder: Path, masks: bool = False) -> str:
+    """What ``folder`` holds, for an error about the files it lacks: ``it holds 784 .jpg files (is
+    this the images folder?)``, ``it is empty``, ``it does not exist``. ``masks``: the folder
+    should hold label PNGs (a folder of photos gets a pointer to the masks)."""
+    if not folder.is_dir():
+        return "it does not exist" if not folder.exists() else "it is a file, not a folder"
+    suffixes = Counter(p.suffix.lower() or "(no suffix)" for p in folder.iterdir() if p.is_file())
+    folders = sum(1 for p in folder.iterdir() if p.is_dir())
+    if not suffixes and not folders:
+        return "it is empty"
+    found = ", ".join(f"{n} {suffix} files" for suffix, n in suffixes.most_common(3))
+    found = ", ".join(filter(None, [found, f"{folders} folders" if folders else ""]))
+    hint = " (photos, not masks: point at the masks folder, e.g. VOC2012/SegmentationClass)" if masks and suffixes.get(".jpg") else ""
+    return f"it holds {found}{hint}"

@@ -9,6 +9,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsss import limit_onednn_cache
+from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.data import resolve_data_root
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
@@ -17,9 +19,8 @@ from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs
 from wsss.io import ensure_output_dir
-from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.options import (add_options, check_choices, check_positive_list, check_range, option, options_from_args,
-                          resource_values, result_params)
+                          parse_stage_args, resource_values, result_params)
 from wsss.options import scales as scales_option
 from wsss.records import claim_folder, file_digest
 from wsss.systems.checkpoints import load_segmenter
@@ -81,6 +82,7 @@ def predict_segmentation(
     one process. The folder records the checkpoint and options (:mod:`wsss.records`): PNGs made
     by another checkpoint or with other options are refused unless ``overwrite``.
     """
+    limit_onednn_cache()
     if options.crf and not crf_available():
         raise ConfigError(f"--crf: {CRF_INSTALL_HINT}")
     model = load_segmenter(checkpoint)
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="val", help="split name under ImageSets/Segmentation, or a list file (default: val)")
     add_options(parser, PredictOptions)
     parser.add_argument("--overwrite", action="store_true", help="rewrite PNGs that already exist (and replace a folder made otherwise)")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv, PredictOptions)
     counts = predict_segmentation(args.checkpoint, args.data_root, args.out, options_from_args(PredictOptions, args), split=args.split,
                                   overwrite=args.overwrite)
     if is_global_zero():

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from wsss.crf import CRF_INSTALL_HINT, crf_available
 from wsss.data import resolve_data_root
 from wsss.data.modules import PredictDataModule
 from wsss.data.voc import VOCLayout
@@ -27,10 +28,9 @@ from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, is_valid_label_png, label_pngs_in, write_label_png
 from wsss.io import ensure_output_dir
-from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
 from wsss.options import (OptionError, add_options, check_choices, check_range, default_workers, option, options_from_args,
-                          resource_values, result_params)
+                          parse_stage_args, resource_values, result_params)
+from wsss.pseudo import DEFAULT_THRESHOLD, SLIC_DEFAULTS, crf_scores, superpixel_labels
 from wsss.records import claim_folder, folder_identity
 from wsss.systems.predictors import PassThroughPredictor
 from wsss.systems.writers import PseudoLabelWriter
@@ -268,7 +268,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs (and replace a folder made with other settings)")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a CAM file (counted and reported) instead of failing")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv, PseudoLabelOptions)
     options = options_from_args(PseudoLabelOptions, args)
     summary = make_pseudo_labels(args.data_root, args.cams, args.out, split=args.split, options=options, key=args.key,
                                  overwrite=args.overwrite, skip_missing=args.skip_missing, strategy=args.strategy)

@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from wsss import limit_onednn_cache
 from wsss.affinity import neighbour_offsets, random_walk_bytes
 from wsss.data import resolve_data_root
 from wsss.data.datasets import SegmentationDataset, collate_list
@@ -42,7 +43,8 @@ from wsss.formats.cams import cam_files_in, find_cam_files, is_complete, read_ca
 from wsss.formats.images import image_size, read_image
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs, read_label_png, write_label_png
 from wsss.formats.torch_files import read_checkpoint
-from wsss.options import add_options, check_choices, check_range, option, options_from_args, resource_values, result_params
+from wsss.options import (OptionError, add_options, check_choices, check_range, option, options_from_args, parse_stage_args,
+                          resource_values, result_params)
 from wsss.pseudo import cam_seed_labels
 from wsss.records import claim_folder, file_digest, folder_identity, read_record
 from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
@@ -91,10 +93,10 @@ class RefineOptions:
         check_range("bg_threshold", self.bg_threshold, 0, 1)
         check_range("fg_threshold", self.fg_threshold, 0, 1)
         if self.fg_threshold <= self.bg_threshold:
-            raise ConfigError(f"fg_threshold ({self.fg_threshold:g}) must be above bg_threshold ({self.bg_threshold:g})")
+            raise OptionError("fg_threshold", f"must be above bg_threshold ({self.bg_threshold:g}), got {self.fg_threshold:g}")
         check_range("n_segments", self.n_segments, 1)
         if self.stride not in (4, 8):
-            raise ConfigError(f"stride must be 4 or 8, got {self.stride!r}")
+            raise OptionError("stride", f"must be 4 or 8, got {self.stride!r}")
         check_range("radius", self.radius, 2)
         for name in ("embedding", "crop_size", "batch_size", "max_steps", "iterations"):
             check_range(name, getattr(self, name), 1)
@@ -104,7 +106,7 @@ class RefineOptions:
         check_range("max_memory_mb", self.max_memory_mb, 1)
         check_range("num_workers", self.num_workers, 0)
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ConfigError(f"scale_range must be two positive numbers low <= high, got {list(self.scale_range)}")
+            raise OptionError("scale_range", f"must be two positive numbers low <= high, got {list(self.scale_range)}")
 
     def resolved_precision(self) -> str:
         return self.precision or default_precision(self.accelerator)
@@ -221,6 +223,7 @@ def make_refined_cams(
 ) -> RefineSummary:
     """Refine the CAMs of ``split`` in ``cam_dir`` (our ``.npz``, IRN's or PSA's ``.npy``) with an
     affinity net on ``checkpoint``'s features (module docstring); every check before any work."""
+    limit_onednn_cache()
     start = time.perf_counter()
     cam_dir, out = Path(cam_dir), Path(out_dir)
     layout = VOCLayout(resolve_data_root(data_root))
@@ -298,7 +301,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="train_aug", help="split name or list file (default: train_aug)")
     add_options(parser, RefineOptions)
     parser.add_argument("--overwrite", action="store_true", help="redo everything (and replace a folder made with other settings)")
-    args = parser.parse_args(argv)
+    args = parse_stage_args(parser, argv, RefineOptions)
     summary = make_refined_cams(args.checkpoint, args.data_root, args.cams, args.out, options_from_args(RefineOptions, args),
                                 split=args.split, overwrite=args.overwrite)
     if is_global_zero():

@@ -13,8 +13,8 @@ from wsss.classes import IGNORE_INDEX, NUM_LABELS
 from wsss.metrics import SegmentationMetric
 from wsss.models.deeplab import DeepLabLargeFOV
 from wsss.segmentation import image_probabilities, nearest_labels
-from wsss.systems.state_dicts import check_state_dict
 from wsss.systems.schedules import held_until, per_step_schedule, schedule_factor
+from wsss.systems.state_dicts import check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SegmenterSystem(pl.LightningModule):
             self.val_metric.update(image_probabilities(self, image).argmax(0), mask)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_metric.compute()  # counts summed across DDP ranks before dividing
+        scores = self.val_metric.scores()  # counts summed across DDP ranks before dividing
         self.log("val/mIoU", float(np.nan_to_num(scores.miou)), prog_bar=True, sync_dist=False)
         self.log("val/pixel_acc", float(np.nan_to_num(scores.pixel_accuracy)), sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
