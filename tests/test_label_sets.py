@@ -1,4 +1,4 @@
-"""Label sets beyond VOC's 21: `wsss evaluate --labels coco|FILE` against an independent count."""
+"""Label sets beyond VOC's 21: `wsss evaluate --label-set coco|FILE` against an independent count."""
 from __future__ import annotations
 
 import json
@@ -41,7 +41,7 @@ def test_coco_values_are_scored_over_81_labels_like_an_independent_count(tmp_pat
     write_pngs(tmp_path / "gt", gts)
     write_pngs(tmp_path / "pred", preds)
     out = tmp_path / "scores.json"
-    assert cli(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--labels", "coco",
+    assert cli(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--label-set", "coco",
                 "--json", str(out), "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "hair drier" in printed and "dining table" in printed
@@ -67,7 +67,7 @@ def test_a_label_set_of_ones_own_from_a_file(tmp_path, capsys):
     preds = [np.array([[0, 1, 1, 0], [1, 1, 2, 255]])]
     write_pngs(tmp_path / "gt", gts)
     write_pngs(tmp_path / "pred", preds)
-    assert cli(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--labels", str(spec), "--workers", "1"]) == 0
+    assert cli(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--label-set", str(spec), "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     # by hand: background 1/2 (one hit, the unlabelled car pixel joins it), road 3/4, car 1/3
     assert "road" in printed and f"{100 * (1 / 2 + 3 / 4 + 1 / 3) / 3:.2f}" in printed

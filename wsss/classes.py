@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss.errors import ConfigError
+from wsss.options import read_yaml
 
 # The 20 foreground classes in VOC order; mask value = index + 1.
 CLASS_NAMES: tuple[str, ...] = (
@@ -105,10 +106,6 @@ class LabelSet:
     def num_labels(self) -> int:
         return len(self.names)
 
-    def palette(self) -> list[tuple[int, int, int]]:
-        """VOC's bit-spread colours for every value (they extend to any number of labels)."""
-        return voc_colormap(256)
-
 
 LABEL_SETS: dict[str, LabelSet] = {
     "voc": LabelSet("voc", LABEL_NAMES),
@@ -126,11 +123,7 @@ def label_set(spec: str | Path | LabelSet) -> LabelSet:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"label set {str(spec)!r}: neither built in ({', '.join(LABEL_SETS)}) nor a YAML/JSON file")
-    from wsss.options import (
-        read_yaml,  # YAML is a superset of JSON: one reader for both
-    )
-
-    raw = read_yaml(path, "label set")
+    raw = read_yaml(path, "label set")  # YAML is a superset of JSON: one reader for both
     unknown = sorted(set(raw) - {"name", "names", "background", "ignore"})
     if unknown or "names" not in raw or not isinstance(raw["names"], list):
         raise ConfigError(f"{path}: a label set is a mapping with 'names' (a list, background included) and optionally "

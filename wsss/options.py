@@ -201,7 +201,6 @@ def coerce_value(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"'{where}' must be {_type_name(hint)}, got {value!r}")
 
 
-
 # ----------------------------------------------------------------------------- command lines
 
 

@@ -50,7 +50,8 @@ def read_label_png(path: str | Path, check_values: bool = True, labels: LabelSet
     """Label map of an index or palette PNG as (H, W) uint8.
 
     With ``check_values`` every value must be 0..20 or 255 (DataError naming the file and the bad
-    values otherwise); with a ``labels`` set, a value of that set, its ignore value or 255. Without it, values of 16/32-bit PNGs must still fit in uint8: they are never
+    values otherwise); with a ``labels`` set, a value of that set, its ignore value or 255. Without
+    it, values of 16/32-bit PNGs must still fit in uint8: they are never
     wrapped (300 would become 44). An RGB PNG is refused: its colours would have to be guessed back
     into labels.
     """

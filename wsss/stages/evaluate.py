@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pred", required=True, type=Path, help="folder of <id>.png predictions (index or palette PNGs)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks (e.g. VOC2012/SegmentationClass)")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a prediction (reported) instead of failing")
-    parser.add_argument("--labels", default="voc", help="label set of the masks: voc (21 labels, default), coco (81: background + "
+    parser.add_argument("--label-set", default="voc", help="label set of the masks: voc (21 labels, default), coco (81: background + "
                         "COCO 2014's 80 things in category-id order), or a YAML/JSON file with 'names' (background included), "
                         "optionally 'background' and 'ignore'")
     options.add_evaluation_arguments(parser, list_help="file of ids to evaluate (default: every PNG in --gt)",
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
                         "(pass --skip-missing to leave them out)")
     absent = set(missing)
     present = [i for i in ids if i not in absent]
-    labels = label_set(args.labels)
+    labels = label_set(args.label_set)
     label_scores = evaluate_label_maps(args.pred, args.gt, present, workers=args.workers, progress=True, labels=labels)
     scores = label_scores.scores
     print(scores.table(labels.names))

@@ -44,9 +44,9 @@ def listed_ids(list_file: Path | None, folder: Path, ids_in: Callable[[Path], li
 
 
 def folder_contents(folder: Path, masks: bool = False) -> str:
-    """What ``folder`` holds, for an error about the files it lacks: ``it holds 784 .jpg files (is
-    this the images folder?)``, ``it is empty``, ``it does not exist``. ``masks``: the folder
-    should hold label PNGs (a folder of photos gets a pointer to the masks)."""
+    """What ``folder`` holds, for an error about the files it lacks: ``it holds 784 .jpg files``,
+    ``it is empty``, ``it does not exist``. ``masks``: the folder should hold label PNGs (a folder
+    of photos gets a pointer to the masks folder)."""
     if not folder.is_dir():
         return "it does not exist" if not folder.exists() else "it is a file, not a folder"
     suffixes = Counter(p.suffix.lower() or "(no suffix)" for p in folder.iterdir() if p.is_file())
