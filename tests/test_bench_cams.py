@@ -33,3 +33,16 @@ def test_the_batched_bound_computes_the_per_image_gradients(bench, workload):
     # and a wrong pairing of rows and classes is caught: the gradients differ between classes
     first, second = sorted(k for k in limit if k[0] == 0)
     assert not torch.allclose(limit[first], limit[second], atol=1e-6)
+
+
+def test_the_stage_benchmark_runs_both_stages_against_their_models(toy_root, capsys):
+    """scripts/bench_stages.py end to end on two toy photos (its figures come from real photos)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_stages.py"
+    spec = importlib.util.spec_from_file_location("bench_stages", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--data-root", str(toy_root), "--images", "2", "--num-workers", "0"])
+    printed = capsys.readouterr().out
+    for stage in ("cams", "predict"):
+        ratio = float(printed.split(f"{stage} stage / its model's own time: ")[1].split()[0])
+        assert ratio > 0
