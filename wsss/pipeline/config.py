@@ -210,9 +210,9 @@ def with_dotted(raw: dict[str, Any], dotted: Mapping[str, Any]) -> dict[str, Any
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, dotted: Mapping[str, Any] | None = None) -> PipelineConfig:
-    """The pipeline YAML at ``path`` (top-level ``overrides`` that are not None win, e.g. ``--out``;
-    then ``dotted`` keys such as ``cams.fusion``, :func:`with_dotted`), every key checked, defaults
-    filled in."""
+    """The pipeline YAML at ``path`` with ``dotted`` keys such as ``cams.fusion`` applied
+    (:func:`with_dotted`), then top-level ``overrides`` that are not None (``--data-root``,
+    ``--out``); every key checked, defaults filled in."""
     path = Path(path)
     raw = with_dotted(read_yaml(path, "pipeline config"), dotted or {})
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
