@@ -83,3 +83,37 @@ def test_a_label_set_of_ones_own_from_a_file(tmp_path, capsys):
 def test_built_in_label_sets():
     assert LABEL_SETS["voc"].num_labels == 21 and LABEL_SETS["coco"].num_labels == 81 == len(COCO_CLASS_NAMES) + 1
     assert LABEL_SETS["coco"].names[1] == "person" and LABEL_SETS["coco"].names[80] == "toothbrush"
+
+
+def test_eval_cams_scores_coco_seeds_from_irn_files_like_an_independent_count(tmp_path):
+    """COCO CAMs as IRN writes them (0-based keys up to 79) against 0..80 masks: one threshold's
+    seeds by hand (argmax over [threshold, maps], class value = key + 1), scored independently."""
+    import torch
+
+    from wsss.stages.eval_cams import evaluate_cams
+
+    rng = np.random.default_rng(5)
+    cams_dir, gts = tmp_path / "cams", []
+    cams_dir.mkdir()
+    seeds = []
+    for n in range(3):
+        keys = np.array(sorted(rng.choice(80, size=2, replace=False)))
+        maps = rng.random((2, 24, 32)).astype(np.float32)
+        # IRN's make_cam.py: a dict with keys, cam (stride 4, a torch tensor) and high_res
+        np.save(cams_dir / f"img{n}.npy", {"keys": keys, "cam": torch.from_numpy(maps[:, ::4, ::4].copy()), "high_res": maps})
+        scores = np.concatenate([np.full((1, 24, 32), 0.5, np.float32), maps])
+        seed = np.where(scores.argmax(0) == 0, 0, keys[np.maximum(scores.argmax(0) - 1, 0)] + 1)
+        seeds.append(seed)
+        gts.append(np.where(rng.random((24, 32)) < 0.8, seed, rng.choice([0, 255, int(keys[0]) + 1], size=(24, 32))))
+    write_pngs(tmp_path / "gt", gts)
+    results = evaluate_cams(cams_dir, tmp_path / "gt", [f"img{n}" for n in range(3)], [0.5], labels="coco")
+    expected = independent_miou(seeds, gts, 81)
+    assert results[0.5].miou == pytest.approx(np.nanmean(expected))
+    np.testing.assert_allclose(results[0.5].iou, expected, equal_nan=True)
+    from wsss.errors import DataError
+
+    with pytest.raises(DataError, match="label values outside 0..20"):  # VOC's labels refuse COCO masks
+        evaluate_cams(cams_dir, tmp_path / "gt", ["img0"], [0.5])
+    write_pngs(tmp_path / "gt_voc", [np.zeros((24, 32))])  # a VOC mask beside COCO CAMs: the CAM file is refused
+    with pytest.raises(DataError, match=r"'keys' values must be in 0..19"):
+        evaluate_cams(cams_dir, tmp_path / "gt_voc", ["img0"], [0.5])

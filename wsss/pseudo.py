@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import slic
 
-from wsss.classes import IGNORE_INDEX, NUM_CLASSES
+from wsss.classes import IGNORE_INDEX
 
 # SLIC parameters used when ``superpixel_labels`` gets no precomputed segments. The paper does not
 # give them; chosen by scripts/sweep_slic.py (docs/slic_sweep.md): on the toy split the best
@@ -43,6 +43,9 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be uint8, got dtype {image.dtype}")
 
 
+MAX_CLASS_VALUE = 254  # uint8 label maps: 0 background, 255 ignored
+
+
 def _check_cams(cams: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Validate ``cams`` and ``classes``; return ``classes`` as a uint8 array."""
     if not isinstance(cams, np.ndarray) or cams.ndim != 3:
@@ -63,8 +66,10 @@ def _check_cams(cams: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.nda
     if class_values.size:
         if class_values.dtype.kind not in "iu":
             raise ValueError(f"classes must be integers, got dtype {class_values.dtype}")
-        if class_values.min() < 1 or class_values.max() > NUM_CLASSES:
-            raise ValueError(f"class values must be in 1..{NUM_CLASSES}, got {class_values.tolist()}")
+        # The math is any dataset's (VOC's 1..20, COCO's 1..80): the CAM file readers check the
+        # dataset's range; here only what a uint8 label map can hold besides 0 and the ignore 255.
+        if class_values.min() < 1 or class_values.max() > MAX_CLASS_VALUE:
+            raise ValueError(f"class values must be in 1..{MAX_CLASS_VALUE}, got {class_values.tolist()}")
         if len(np.unique(class_values)) != len(class_values):
             raise ValueError(f"classes must be distinct, got {class_values.tolist()}")
     return class_values.astype(np.uint8)

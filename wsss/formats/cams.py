@@ -146,22 +146,22 @@ def _check_maps(path: Path, name: str, maps: Any, classes: np.ndarray) -> np.nda
     return maps
 
 
-def _check_classes(path: Path, name: str, values: Any, zero_based: bool) -> np.ndarray:
+def _check_classes(path: Path, name: str, values: Any, zero_based: bool, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Label values (1..20) from ``values``: label values, or with ``zero_based`` IRN's/PSA's class indices."""
     classes = np.asarray(values)
     if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "iu"):
         raise DataError(f"{path}: '{name}' must be a 1-D integer array, got shape {classes.shape} dtype {classes.dtype}")
     as_stored = classes.tolist()  # the messages show the values as the file holds them
     classes = label_values_of(classes) if zero_based else classes.astype(np.int64)
-    allowed = f"0..{NUM_CLASSES - 1} (0-based, no background)" if zero_based else f"1..{NUM_CLASSES}"
-    if classes.size and (classes.min() < 1 or classes.max() > NUM_CLASSES):
+    allowed = f"0..{num_classes - 1} (0-based, no background)" if zero_based else f"1..{num_classes}"
+    if classes.size and (classes.min() < 1 or classes.max() > num_classes):
         raise DataError(f"{path}: '{name}' values must be in {allowed}, got {as_stored}")
     if len(np.unique(classes)) != len(classes):
         raise DataError(f"{path}: '{name}' has repeated classes {as_stored}")
     return classes
 
 
-def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+def _read_npz(path: Path, key: str | None, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
     name = key or "cams"
     parts = name.split(FUSE_SEPARATOR)
     try:
@@ -176,7 +176,7 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray, str]
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:  # zip/pickle/format errors: the file is damaged or not an npz
         raise DataError(f"{path}: cannot read CAM file ({type(exc).__name__}: {exc})") from None
-    classes = _check_classes(path, "classes", raw_classes, zero_based=False)
+    classes = _check_classes(path, "classes", raw_classes, zero_based=False, num_classes=num_classes)
     if len(parts) == 1:
         return part_maps[0], classes, name
     # "stage4+stage5": eq. 9's fusion of those layers without tanh scaling (they are stored
@@ -201,14 +201,14 @@ def npy_layout(path: Path, data: Any) -> str:
     return "irn"
 
 
-def _read_irn(path: Path, data: dict, key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+def _read_irn(path: Path, data: dict, key: str | None, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
     data = irn.irn_cam_arrays(data)
     name = key or ("cam" if "high_res" not in data and "cam" in data else "high_res")
     absent = [k for k in ("keys", name) if k not in data]
     if absent:
         raise DataError(f"{path}: missing entries {absent} (has {sorted(map(str, data))})")
     maps = data[name]
-    classes = _check_classes(path, "keys", data["keys"], zero_based=True)
+    classes = _check_classes(path, "keys", data["keys"], zero_based=True, num_classes=num_classes)
     if isinstance(maps, np.ndarray) and maps.ndim == 3 and maps.shape[0] == len(classes) + 1:
         raise DataError(
             f"{path}: '{name}' has {maps.shape[0]} maps for {len(classes)} keys; a background channel "
@@ -217,16 +217,17 @@ def _read_irn(path: Path, data: dict, key: str | None) -> tuple[np.ndarray, np.n
     return maps, classes, name
 
 
-def _read_psa(path: Path, data: dict, key: str | None, image_size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, str]:
+def _read_psa(path: Path, data: dict, key: str | None, image_size: tuple[int, int] | None, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
     if key is not None:
         raise DataError(f"{path}: a PSA CAM file holds one map per class and no named arrays; key {key!r} does not apply")
     indices, maps = psa.psa_class_maps(path, data)
     if maps is None:  # no classes, so no map to take the size from
         maps = np.zeros((0, *(image_size or (0, 0))), np.float32)
-    return maps, _check_classes(path, "class indices", indices, zero_based=True), "maps"
+    return maps, _check_classes(path, "class indices", indices, zero_based=True, num_classes=num_classes), "maps"
 
 
-def read_cams(path: str | Path, key: str | None = None, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_cams(path: str | Path, key: str | None = None, image_size: tuple[int, int] | None = None,
+              num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate one CAM file of any layout (see the module docstring).
 
     Args:
@@ -237,22 +238,24 @@ def read_cams(path: str | Path, key: str | None = None, image_size: tuple[int, i
             PSA files have no named arrays: a key is refused.
         image_size: the image's (H, W), used only for a PSA file without classes (an empty dict
             stores no size): its maps are then (0, H, W), else (0, 0, 0).
+        num_classes: foreground classes of the dataset (VOC's 20; COCO's 80): label values above
+            it are refused.
 
     Returns:
-        ``(cams, classes)``: (K, H, W) float maps in [0, 1] and the (K,) int64 label values 1..20.
+        ``(cams, classes)``: (K, H, W) float maps in [0, 1] and the (K,) int64 label values 1..num_classes.
 
     Raises:
         DataError naming the file: unreadable, missing keys, wrong dtype/shape, NaN/Inf, out of range.
     """
     path = Path(path)
     if path.suffix == ".npz":
-        maps, classes, name = _read_npz(path, key)
+        maps, classes, name = _read_npz(path, key, num_classes)
     elif path.suffix == ".npy":
         data = irn.load_pickled_npy(path)
         if npy_layout(path, data) == "psa":
-            maps, classes, name = _read_psa(path, data, key, image_size)
+            maps, classes, name = _read_psa(path, data, key, image_size, num_classes)
         else:
-            maps, classes, name = _read_irn(path, data, key)
+            maps, classes, name = _read_irn(path, data, key, num_classes)
     else:
         raise DataError(f"{path}: CAM files must be .npz or .npy")
     return _check_maps(path, name, maps, classes), classes

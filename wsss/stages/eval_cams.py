@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.classes import IGNORE_INDEX, LABEL_NAMES, NUM_LABELS
+from wsss.classes import LABEL_SETS, LabelSet, label_set
 from wsss.errors import ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, list_cam_ids, read_cams
 from wsss.formats.label_png import missing_label_pngs, read_label_png
@@ -58,17 +58,19 @@ class EvalCamsOptions:
         check_range("workers", self.workers, 1)
 
 
-def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key: str | None) -> tuple[int, np.ndarray]:
-    """(T, 21, 21) summed confusion of a chunk of (CAM file, GT mask) pairs, one per threshold."""
-    total = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
+def _cam_confusions(pairs: list[tuple[Path, Path]], thresholds: list[float], key: str | None,
+                    labels: LabelSet = LABEL_SETS["voc"]) -> tuple[int, np.ndarray]:
+    """(T, L, L) summed confusion of a chunk of (CAM file, GT mask) pairs, one per threshold (L = 21 for VOC)."""
+    num_labels = labels.num_labels
+    total = np.zeros((len(thresholds), num_labels, num_labels), dtype=np.int64)
     for cam_path, gt_path in pairs:
-        gt = read_label_png(gt_path)
-        cams, classes = read_cams(cam_path, key, image_size=gt.shape)
+        gt = read_label_png(gt_path, labels=labels)
+        cams, classes = read_cams(cam_path, key, image_size=gt.shape, num_classes=num_labels - 1)
         if cams.shape[1:] != gt.shape:
             raise DataError(f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
         best_score, best_label = cam_best_class(cams, classes)  # once per image, reused per threshold
         for t, threshold in enumerate(thresholds):
-            total[t] += confusion_matrix(seed_labels_from_best(best_score, best_label, threshold), gt, NUM_LABELS, IGNORE_INDEX)
+            total[t] += confusion_matrix(seed_labels_from_best(best_score, best_label, threshold), gt, num_labels, labels.ignore)
     return len(pairs), total
 
 
@@ -81,13 +83,16 @@ def evaluate_cams(
     workers: int = 1,
     chunk_size: int = 16,
     progress: bool = False,
+    labels: str | Path | LabelSet = "voc",
 ) -> dict[float, SegmentationScores]:
     """Seed quality of CAM files: for each background threshold, scores of
     argmax([threshold, cams...]) against the GT masks, one confusion summed over ``ids``.
 
     ``key`` selects another (K, H, W) array of the npz (e.g. a per-layer map ``stage3``, or
     ``stage4+stage5``). Returns ``{threshold: scores}`` in the order of ``thresholds``.
-    Raises DataError naming the file for missing CAMs/GT and malformed CAM files.
+    ``labels``: the masks' label set (:func:`wsss.classes.label_set`; its background must be 0,
+    the value seeds give it). Raises DataError naming the file for missing CAMs/GT and malformed
+    CAM files.
     """
     cam_dir, gt_dir = Path(cam_dir), Path(gt_dir)
     ids = list(ids)
@@ -103,7 +108,10 @@ def evaluate_cams(
     if missing_gt:
         raise DataError(f"{len(missing_gt)} ids have no GT mask in {gt_dir}: {name_some(missing_gt)}")
     pairs = [(cam_files[i], gt_dir / f"{i}.png") for i in ids]
-    count = functools.partial(_cam_confusions, thresholds=thresholds, key=key)
+    labels = label_set(labels)
+    if labels.background != 0:
+        raise ConfigError(f"label set {labels.name!r}: CAM seeds label background 0, the set's background is {labels.background}")
+    count = functools.partial(_cam_confusions, thresholds=thresholds, key=key, labels=labels)
     total = sum_in_chunks(count, pairs, workers, chunk_size, "eval-cams", progress)
     return {t: scores_from_confusion(c) for t, c in zip(thresholds, total)}
 
@@ -134,6 +142,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks")
     parser.add_argument("--key", default=None, help="array to evaluate instead of 'cams', e.g. a per-layer map 'stage3'")
     add_options(parser, EvalCamsOptions, skip=("workers",))
+    options.add_label_set_argument(parser)
     options.add_evaluation_arguments(parser, list_help="file of ids (default: every CAM file in --cams)",
                                      json_help="also write per-threshold scores to this JSON file", workers_help="worker processes (default: all CPUs)")
     args = parse_stage_args(parser, argv, EvalCamsOptions)
@@ -142,7 +151,8 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     ids = options.listed_ids(args.list, args.cams, list_cam_ids, "CAM")
-    results = evaluate_cams(args.cams, args.gt, ids, thresholds, key=args.key, workers=args.workers, progress=True)
+    labels = label_set(args.label_set)
+    results = evaluate_cams(args.cams, args.gt, ids, thresholds, key=args.key, workers=args.workers, progress=True, labels=labels)
     best = best_threshold(results)
     print(threshold_table(results))
     print(f"{len(ids)} images ({args.key or 'cams'}) in {time.perf_counter() - start:.1f}s; best threshold {best:g}: "
@@ -152,8 +162,9 @@ def main(argv: list[str]) -> int:
             "key": args.key or "cams",
             "num_images": len(ids),
             "best_threshold": best,
-            "best_miou": results[best].to_dict(LABEL_NAMES)["miou"],
-            "thresholds": [{"threshold": t, **s.to_dict(LABEL_NAMES)} for t, s in results.items()],
+            "label_set": labels.name,
+            "best_miou": results[best].to_dict(labels.names)["miou"],
+            "thresholds": [{"threshold": t, **s.to_dict(labels.names)} for t, s in results.items()],
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}")

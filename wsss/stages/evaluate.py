@@ -138,9 +138,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pred", required=True, type=Path, help="folder of <id>.png predictions (index or palette PNGs)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of <id>.png GT masks (e.g. VOC2012/SegmentationClass)")
     parser.add_argument("--skip-missing", action="store_true", help="leave out ids without a prediction (reported) instead of failing")
-    parser.add_argument("--label-set", default="voc", help="label set of the masks: voc (21 labels, default), coco (81: background + "
-                        "COCO 2014's 80 things in category-id order), or a YAML/JSON file with 'names' (background included), "
-                        "optionally 'background' and 'ignore'")
+    options.add_label_set_argument(parser)
     options.add_evaluation_arguments(parser, list_help="file of ids to evaluate (default: every PNG in --gt)",
                                      json_help="also write the scores to this JSON file", workers_help="decoding processes (default: all CPUs)")
     args = parse_stage_args(parser, argv)

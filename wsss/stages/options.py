@@ -57,3 +57,11 @@ def folder_contents(folder: Path, masks: bool = False) -> str:
     found = ", ".join(filter(None, [found, f"{folders} folders" if folders else ""]))
     hint = " (photos, not masks: point at the masks folder, e.g. VOC2012/SegmentationClass)" if masks and suffixes.get(".jpg") else ""
     return f"it holds {found}{hint}"
+
+
+LABEL_SET_HELP = ("label set of the masks: voc (21 labels, default), coco (81: background + COCO 2014's 80 things in "
+                  "category-id order), or a YAML/JSON file with 'names' (background included), optionally 'background' and 'ignore'")
+
+
+def add_label_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-set", default="voc", help=LABEL_SET_HELP)
