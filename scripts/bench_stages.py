@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     from wsss.stages.predict import PredictOptions, predict_segmentation
     from wsss.systems.checkpoints import load_segmenter
     from wsss.systems.segmenter import SegmenterSystem
-    from wsss.systems.predictors import CamVariant
 
     args = parse_args(argv)
     layout = VOCLayout(resolve_data_root(args.data_root))
@@ -69,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         model = CAMClassifier(weights=args.weights).eval()
     labels = ImageLabels(layout, "auto")
     classes = [[int(c) for c in np.flatnonzero(labels(i) > 0.5)] for i in ids]
-    variants = {"layercam": CamsConfig().layercam(), "gradcam": CamVariant("gradcam", ("stage5",), (), False),
-                "gradcampp": CamVariant("gradcam++", ("stage5",), (), False)}
+    variants = CamsConfig().variants()  # the three folders `wsss run` writes
     requests = {"layercam": ["stage3", "stage4", "stage5"], "gradcam": ["stage5"], "gradcam++": ["stage5"]}
     transform = eval_transform()
     images = [transform(to_tv(read_image(layout.image_path(i)))[0])[None] for i in ids]  # decoded beforehand: not timed

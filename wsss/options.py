@@ -137,10 +137,6 @@ def resource_values(instance: Any) -> dict[str, Any]:
     return {option_key(f): _plain(getattr(instance, f.name)) for f in dataclasses.fields(instance) if f.metadata.get("neutral")}
 
 
-def neutral_keys(cls: type) -> list[str]:
-    return [option_key(f) for f in dataclasses.fields(cls) if f.metadata.get("neutral")]
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
@@ -253,7 +249,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str], *classes:
         unknown = sorted(set(raw) - set(by_key))
         if unknown:
             raise ConfigError(f"{path}: {unknown_keys_error(f'the {parser.prog} options', unknown, by_key)}")
-        hints = {f.name: typing.get_type_hints(cls)[f.name] for cls in classes for f in dataclasses.fields(cls)}
+        hints = {name: hint for cls in classes for name, hint in typing.get_type_hints(cls).items()}
         for key, value in raw.items():
             action = by_key[key]
             parser.set_defaults(**{action.dest: _file_value(action, hints.get(action.dest), value, f"{path}: {key}")})

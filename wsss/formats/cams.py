@@ -146,8 +146,8 @@ def _check_maps(path: Path, name: str, maps: Any, classes: np.ndarray) -> np.nda
     return maps
 
 
-def _check_classes(path: Path, name: str, values: Any, zero_based: bool, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Label values (1..20) from ``values``: label values, or with ``zero_based`` IRN's/PSA's class indices."""
+def _check_classes(path: Path, name: str, values: Any, zero_based: bool, num_classes: int) -> np.ndarray:
+    """Label values (1..num_classes) from ``values``: label values, or with ``zero_based`` IRN's/PSA's class indices."""
     classes = np.asarray(values)
     if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "iu"):
         raise DataError(f"{path}: '{name}' must be a 1-D integer array, got shape {classes.shape} dtype {classes.dtype}")

@@ -12,6 +12,7 @@ they are.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsss.classes import IGNORE_INDEX, NUM_LABELS, LabelSet, voc_palette
+from wsss.classes import LABEL_SETS, LabelSet, voc_palette
 from wsss.errors import ConfigError, DataError
 from wsss.formats.images import decode, image_info, open_header
 from wsss.io import atomic_path
@@ -29,8 +30,6 @@ PIL_MODE_OF_PNG_MODE = {"palette": "P", "gray": "L"}  # ``--png-mode`` -> the PI
 PNG_MODES = tuple(PIL_MODE_OF_PNG_MODE)
 PNG_MODE_HELP = ("palette: VOC-palette PNGs (VOC's format; PIL reads the indices); gray: 8-bit grayscale PNGs of the same "
                  "indices, for readers that decode a palette to colours (imageio, cv2)")
-_ALLOWED = np.zeros(256, dtype=bool)
-_ALLOWED[[*range(NUM_LABELS), IGNORE_INDEX]] = True
 
 
 def _values_present(label_map: np.ndarray) -> np.ndarray:
@@ -40,19 +39,20 @@ def _values_present(label_map: np.ndarray) -> np.ndarray:
     return np.unique(label_map)
 
 
+@functools.cache
 def _allowed_values(labels: LabelSet) -> np.ndarray:
+    """(256,) bool: the label values, the ignore value and 255 (a prediction's unlabelled)."""
     allowed = np.zeros(256, bool)
     allowed[: labels.num_labels] = allowed[labels.ignore] = allowed[255] = True
     return allowed
 
 
-def read_label_png(path: str | Path, check_values: bool = True, labels: LabelSet | None = None) -> np.ndarray:
+def read_label_png(path: str | Path, check_values: bool = True, labels: LabelSet = LABEL_SETS["voc"]) -> np.ndarray:
     """Label map of an index or palette PNG as (H, W) uint8.
 
-    With ``check_values`` every value must be 0..20 or 255 (DataError naming the file and the bad
-    values otherwise); with a ``labels`` set, a value of that set, its ignore value or 255. Without
-    it, values of 16/32-bit PNGs must still fit in uint8: they are never
-    wrapped (300 would become 44). An RGB PNG is refused: its colours would have to be guessed back
+    With ``check_values`` every value must be one of ``labels`` (VOC: 0..20), its ignore value or
+    255 (DataError naming the file and the bad values otherwise). Without it, values of 16/32-bit
+    PNGs must still fit in uint8: they are never wrapped (300 would become 44). An RGB PNG is refused: its colours would have to be guessed back
     into labels.
     """
     path = Path(path)
@@ -63,11 +63,10 @@ def read_label_png(path: str | Path, check_values: bool = True, labels: LabelSet
     label_map = np.asarray(decode(image, path))
     if check_values:
         present = _values_present(label_map)
-        allowed = _ALLOWED if labels is None else _allowed_values(labels)
-        bad = present[(present < 0) | (present > 255) | ~allowed[np.clip(present, 0, 255)]]
+        bad = present[(present < 0) | (present > 255) | ~_allowed_values(labels)[np.clip(present, 0, 255)]]
         if bad.size:
-            last, extra = (NUM_LABELS - 1, [IGNORE_INDEX]) if labels is None else (labels.num_labels - 1, sorted({labels.ignore, 255}))
-            raise DataError(f"{path}: label values outside 0..{last} and {', '.join(map(str, extra))}: {bad[:10].tolist()}")
+            extra = ", ".join(map(str, sorted({labels.ignore, 255})))
+            raise DataError(f"{path}: label values outside 0..{labels.num_labels - 1} and {extra}: {bad[:10].tolist()}")
     elif label_map.dtype != np.uint8:
         present = _values_present(label_map)
         bad = present[(present < 0) | (present > 255)]

@@ -51,6 +51,10 @@ class CamsConfig(CamOptions):
     def layercam(self) -> CamVariant:
         return CamVariant("layercam", self.layers, self.scaled_layers, True, self.peak_quantile, self.fusion)
 
+    def variants(self) -> dict[str, CamVariant]:
+        """CAM folder (under OUT/cams/) -> variant: ``layercam`` and one folder per baseline at stage 5."""
+        return {"layercam": self.layercam(), **{BASELINES[m]: CamVariant(m, ("stage5",), (), False) for m in self.baselines}}
+
 
 EvalCamsConfig = EvalCamsOptions  # ``eval_cams``: the thresholds of the seed sweep
 

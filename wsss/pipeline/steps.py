@@ -17,7 +17,7 @@ from typing import Any
 from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError, DataError
 from wsss.options import OptionError, narrowed, read_yaml, result_params
-from wsss.pipeline.config import BASELINES, PipelineConfig, TrainingSection
+from wsss.pipeline.config import PipelineConfig, TrainingSection
 from wsss.pipeline.manifest import read_manifest
 from wsss.pipeline.results import build_results
 from wsss.systems.predictors import CamVariant
@@ -104,11 +104,7 @@ class Run:
 
     def cam_variants(self) -> dict[str, CamVariant]:
         """CAM folder -> variant: ``layercam`` and one folder per baseline."""
-        cams = self.config.cams
-        variants = {"layercam": cams.layercam()}
-        for method in cams.baselines:
-            variants[BASELINES[method]] = CamVariant(method, ("stage5",), (), False)
-        return variants
+        return self.config.cams.variants()
 
     def has_layers(self, folder: str, key: str | None) -> bool:
         """Whether the CAM files of ``folder`` hold the (``+``-joined) per-layer arrays ``key``."""
@@ -247,8 +243,8 @@ def refine_step(run: Run) -> dict[str, Any]:
         scores = evaluate_cams(out / "cams", run.layout.mask_dir, ids, thresholds, workers=run.config.eval_cams.workers)
         best = best_threshold(scores)
         labels = evaluate_labels(out / "labels", run.layout.mask_dir, ids)
-        row = next(row for row, name, key in SEED_ROWS if name == folder and key is None)
-        rows[f"{row} + affinity RW"] = {"best_threshold": best, "best_miou": float(scores[best].miou),
+        row = seed_row(folder)
+        rows[refined_row(row)] = {"best_threshold": best, "best_miou": float(scores[best].miou),
                                         "miou_at_0.3": float(scores[DEFAULT_THRESHOLD].miou), "labels_miou": float(labels.miou),
                                         "seed_thresholds": [options.bg_threshold, options.fg_threshold]}
         run.say(f"  refined {row}: mIoU {100 * scores[best].miou:.1f} at {best:g}; label PNGs {100 * labels.miou:.1f}")
@@ -274,13 +270,22 @@ def pseudo_labels_step(run: Run) -> dict[str, Any]:
     return {"counts": counts, "thresholds": thresholds}
 
 
+def seed_row(folder: str) -> str | None:
+    """The results row of ``folder``'s maps in the seed sweep (``None``: a folder the sweep has no row of)."""
+    return next((row for row, name, key in SEED_ROWS if name == folder and key is None), None)
+
+
+def refined_row(row: str) -> str:
+    """The results row of ``row``'s maps after the refine step."""
+    return f"{row} + affinity RW"
+
+
 def seed_threshold(run: Run, folder: str, refined: bool = False) -> float:
     """The best background threshold of ``folder``'s fused maps in this run's seed sweep (eval-cams),
     or of its refined maps (the refine step's sweep)."""
     step = "refine" if refined else "eval-cams"
     results = (read_manifest(run.out, step) or {}).get("results") or {}
-    row = next((row for row, name, key in SEED_ROWS if name == folder and key is None), None)
-    row = f"{row} + affinity RW" if refined else row
+    row = refined_row(seed_row(folder)) if refined else seed_row(folder)
     if row not in results:
         raise DataError(f"threshold from seeds: {step} has no seed sweep of {folder} ({row!r}); rerun with --from {step}")
     return float(results[row]["best_threshold"])
@@ -293,7 +298,7 @@ def eval_pseudo_step(run: Run) -> dict[str, Any]:
     rows = {}
     for row, folder in PSEUDO_ROWS:
         if folder in run.pseudo_variants():
-            row = f"{row} + affinity RW" if folder in run.refined_variants() else row
+            row = refined_row(row) if folder in run.refined_variants() else row
             scores = evaluate_label_maps(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
             rows[row] = {"miou": float(scores.scores.miou), "labelled_share": scores.labelled_share,
                          "miou_labelled": float(scores.labelled.miou)}

@@ -49,8 +49,9 @@ def folder_contents(folder: Path, masks: bool = False) -> str:
     of photos gets a pointer to the masks folder)."""
     if not folder.is_dir():
         return "it does not exist" if not folder.exists() else "it is a file, not a folder"
-    suffixes = Counter(p.suffix.lower() or "(no suffix)" for p in folder.iterdir() if p.is_file())
-    folders = sum(1 for p in folder.iterdir() if p.is_dir())
+    entries = list(folder.iterdir())
+    suffixes = Counter(p.suffix.lower() or "(no suffix)" for p in entries if p.is_file())
+    folders = sum(1 for p in entries if p.is_dir())
     if not suffixes and not folders:
         return "it is empty"
     found = ", ".join(f"{n} {suffix} files" for suffix, n in suffixes.most_common(3))

@@ -18,7 +18,6 @@ Each folder records what made it (:mod:`wsss.records`). Plumbing only: the math 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 import warnings
@@ -258,14 +257,15 @@ def make_refined_cams(
 
     # 2. the affinity net on the classifier's trunk.
     phase = time.perf_counter()
-    trunk = copy.deepcopy(load_classifier(checkpoint).features)
+    trunk = load_classifier(checkpoint).features  # a fresh model: nothing else holds it
     hparams = dict(stride=options.stride, radius=options.radius, embedding=options.embedding, frozen_trunk=options.frozen_trunk, lr=options.lr,
                    kind=options.kind)
     system = AffinitySystem(trunk, **hparams)
     finished = ckpt_dir / "finished.ckpt"
     if finished.is_file():
-        system.load_state_dict(read_checkpoint(finished)["state_dict"])
-        summary.trained_steps = int(read_checkpoint(finished).get("global_step", options.max_steps))
+        saved = read_checkpoint(finished)
+        system.load_state_dict(saved["state_dict"])
+        summary.trained_steps = int(saved.get("global_step", options.max_steps))
     else:
         summary.trained_steps = train_affinity(system, layout, ids, seed_dir, ckpt_dir, options, progress)
         if is_global_zero():
@@ -274,8 +274,8 @@ def make_refined_cams(
 
     # 3. the random walk of every image's maps.
     phase = time.perf_counter()
-    todo = ids if overwrite else sorted(set(missing_label_pngs(label_dir, ids, options.png_mode))
-                                        | {i for i in ids if not is_complete(refined_dir / f"{i}.npz")}, key=ids.index)
+    unlabelled = set(missing_label_pngs(label_dir, ids, options.png_mode))  # one set, not a search per id
+    todo = ids if overwrite else [i for i in ids if i in unlabelled or not is_complete(refined_dir / f"{i}.npz")]
     summary.skipped = len(ids) - len(todo)
     if todo:
         predictor = RefinePredictor(system.model, options.radius, options.beta, options.iterations, options.kind)
