@@ -42,13 +42,13 @@ def peak_bytes() -> int:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from wsss.data.voc import VOCLayout
+    from wsss.data import open_layout
     from wsss.stages.cams import CamOptions, make_cams
     from wsss.stages.pseudo_labels import make_pseudo_labels
     from wsss.systems.predictors import CamVariant
 
     stage, batch, count, out = args.worker[0], int(args.worker[1]), int(args.worker[2]), Path(args.worker[3])
-    ids = VOCLayout(args.data_root).read_ids(args.split)[:count]
+    ids = open_layout(args.data_root).read_ids(args.split)[:count]
     split = out / "ids.txt"
     split.write_text("\n".join(ids) + "\n")
     cams = out / "cams"

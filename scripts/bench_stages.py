@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
 
     limit_onednn_cache()  # what the stage sets; the bare run gets the same
     from wsss.cams import compute_cam_sets
-    from wsss.data import resolve_data_root
+    from wsss.data import open_layout
     from wsss.data.transforms import eval_transform, to_tv
-    from wsss.data.voc import ImageLabels, VOCLayout
+    from wsss.data.voc import ImageLabels
     from wsss.formats.images import read_image
     from wsss.models.classifier import CAMClassifier
     from wsss.pipeline.config import CamsConfig
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from wsss.systems.segmenter import SegmenterSystem
 
     args = parse_args(argv)
-    layout = VOCLayout(resolve_data_root(args.data_root))
+    layout = open_layout(args.data_root)
     ids = layout.read_ids(args.split)[: args.images]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,8 +20,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.transform import resize
 
 from wsss.classes import IGNORE_INDEX, NUM_LABELS
-from wsss.data import resolve_data_root
-from wsss.data.voc import VOCLayout
+from wsss.data import open_layout
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import read_image
 from wsss.formats.label_png import read_label_png
@@ -58,7 +57,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     args = parser.parse_args()
 
-    layout = VOCLayout(resolve_data_root(args.data_root))
+    layout = open_layout(args.data_root)
     ids = layout.read_ids(args.split)
     cam_files, missing = find_cam_files(Path(args.cams), ids) if args.cams else ({}, [])
     if missing:

@@ -449,7 +449,7 @@ def test_cams_of_a_torchvision_classifier_through_the_cli(toy_root, tmp_path, ca
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), tmp_path / "ten.pt")
     assert cli(["cams", *common, "--weights", str(tmp_path / "ten.pt"), "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
     err = capsys.readouterr().err
-    assert "ten.pt" in err and "'fc.weight' has 10 outputs; 20 are needed" in err and "VOC class k+1" in err
+    assert "ten.pt" in err and "'fc.weight' has 10 outputs; 20 are needed" in err and "class k+1 of the dataset" in err
     assert cli(["cams", *common, "--out", str(tmp_path / "o"), "--layers", "layer4"]) == 2
     assert "needs --weights" in capsys.readouterr().err
     assert cli(["cams", *common, "--weights", str(tmp_path / "resnet18.pt"), "--out", str(tmp_path / "o")]) == 2

@@ -1,4 +1,4 @@
-"""Data layer: VOC layout, labels, paired transforms, datasets, the toy dataset."""
+"""Data layer: VOC and COCO layouts, labels, paired transforms, datasets, the toy datasets."""
 from __future__ import annotations
 
 import os
@@ -32,3 +32,13 @@ def resolve_data_root(root: str | Path) -> Path:
         except OSError:  # another process finished first
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def open_layout(root: str | Path, mask_dir: str | Path | None = None):
+    """The dataset at ``root`` (``toy`` included): a COCO 2014 layout (:class:`wsss.data.coco.COCOLayout`)
+    when it holds COCO's train2014/ or val2014/ image folders, else a VOC layout (:class:`wsss.data.voc.VOCLayout`)."""
+    from wsss.data.coco import COCOLayout, is_coco_layout
+    from wsss.data.voc import VOCLayout
+
+    path = resolve_data_root(root)
+    return COCOLayout(path, mask_dir) if path.is_dir() and is_coco_layout(path) else VOCLayout(path, mask_dir)

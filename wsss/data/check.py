@@ -7,15 +7,15 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
-from wsss.data import resolve_data_root
-from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.data import open_layout
+from wsss.data.voc import DatasetLayout, ImageLabels
 from wsss.errors import DataError, WsssError
 from wsss.parallel import chunked
 from wsss.formats.images import read_image
 from wsss.formats.label_png import check_mask_size, read_label_png
 
 
-def check_one(layout: VOCLayout, image_labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:
+def check_one(layout: DatasetLayout, image_labels: ImageLabels, image_id: str) -> list[tuple[str, str]]:
     """Problems of one image as (kind, message); empty when all is well."""
     problems: list[tuple[str, str]] = []
     try:
@@ -25,7 +25,7 @@ def check_one(layout: VOCLayout, image_labels: ImageLabels, image_id: str) -> li
     mask_path = layout.mask_path(image_id)
     if mask_path.is_file():
         try:
-            mask = read_label_png(mask_path)
+            mask = read_label_png(mask_path, labels=layout.labels)
         except DataError as exc:
             problems.append(("mask", str(exc)))
         else:
@@ -43,26 +43,27 @@ def check_one(layout: VOCLayout, image_labels: ImageLabels, image_id: str) -> li
     return problems
 
 
-def _check_chunk(args: tuple[str, str, str, list[str]]) -> list[tuple[str, str, str]]:
-    root, mask_dir, label_source, ids = args
-    layout = VOCLayout(root, mask_dir)
+def _check_chunk(args: tuple[str, str, list[str]]) -> list[tuple[str, str, str]]:
+    root, label_source, ids = args
+    layout = open_layout(root)
     image_labels = ImageLabels(layout, label_source)
     return [(image_id, kind, message) for image_id in ids for kind, message in check_one(layout, image_labels, image_id)]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss check-data", description="Decode every listed image and mask and report all problems at once.")
-    parser.add_argument("root", help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
-    parser.add_argument("--split", action="append", help="split name or list file (repeatable; default: every list in ImageSets/Segmentation)")
+    parser.add_argument("root", help="VOC2012 folder (or VOCdevkit, or its parent), a COCO 2014 folder, or 'toy'")
+    parser.add_argument("--split", action="append", help="split name or list file (repeatable; default: every list in "
+                        "ImageSets/Segmentation, COCO: ImageSets)")
     parser.add_argument("--labels", default="auto", help="image-level label source: auto, annotations, masks, or a cls_labels.npy")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes")
     args = parser.parse_args(argv)
 
-    layout = VOCLayout(resolve_data_root(args.root))
+    layout = open_layout(args.root)
     image_labels = ImageLabels(layout, args.labels)
-    splits = args.split or sorted(p.stem for p in (layout.root / "ImageSets" / "Segmentation").glob("*.txt"))
+    splits = args.split or sorted(p.stem for p in layout.list_dir.glob("*.txt"))
     if not splits:
-        raise DataError(f"no list files in {layout.root / 'ImageSets' / 'Segmentation'}; pass --split")
+        raise DataError(f"no list files in {layout.list_dir}; pass --split")
     problems: list[tuple[str, str, str]] = []
     ids: list[str] = []
     for split in splits:
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
         ids += [i for i in split_ids if i not in absent]
     ids = list(dict.fromkeys(ids))  # splits overlap (train is inside train_aug)
     chunks = chunked(ids, 64)
-    jobs = [(str(layout.root), str(layout.mask_dir), str(args.labels), chunk) for chunk in chunks]
+    jobs = [(str(layout.root), str(args.labels), chunk) for chunk in chunks]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool, tqdm(total=len(ids), desc="checking", unit="img") as bar:
         for chunk, found in zip(chunks, pool.map(_check_chunk, jobs)):
             problems += found

@@ -7,15 +7,15 @@ import torch
 from torch.utils.data import Dataset
 
 from wsss.data.transforms import to_tv
-from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.data.voc import DatasetLayout, ImageLabels
 from wsss.formats.images import read_image
 from wsss.formats.label_png import check_mask_size, read_label_png
 
 
 class ClassificationDataset(Dataset):
-    """``{"id", "image" (3,h,w) float, "multi_hot" (20,) float}`` for training the classifier."""
+    """``{"id", "image" (3,h,w) float, "multi_hot" (num_classes,) float}`` for training the classifier."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], image_labels: ImageLabels, transform: Callable):
+    def __init__(self, layout: DatasetLayout, ids: list[str], image_labels: ImageLabels, transform: Callable):
         self.layout, self.ids, self.image_labels, self.transform = layout, ids, image_labels, transform
 
     def __len__(self) -> int:
@@ -31,7 +31,7 @@ class SegmentationDataset(Dataset):
     """``{"id", "image" (3,h,w) float, "mask" (h,w) int64}``; masks come from ``mask_dir``
     (GT, or any method's pseudo-labels), checked against the image size."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], mask_dir, transform: Callable):
+    def __init__(self, layout: DatasetLayout, ids: list[str], mask_dir, transform: Callable):
         from pathlib import Path
 
         self.layout, self.ids, self.mask_dir, self.transform = layout, ids, Path(mask_dir), transform
@@ -43,7 +43,7 @@ class SegmentationDataset(Dataset):
         image_id = self.ids[index]
         image = read_image(self.layout.image_path(image_id))
         mask_path = self.mask_dir / f"{image_id}.png"
-        mask = read_label_png(mask_path)
+        mask = read_label_png(mask_path, labels=self.layout.labels)
         check_mask_size(mask_path, mask.shape, self.layout.image_path(image_id), image.shape)
         image_t, mask_t = self.transform(*to_tv(image, mask))
         return {"id": image_id, "image": image_t, "mask": mask_t.long()}
@@ -53,7 +53,7 @@ class ImageDataset(Dataset):
     """Full-size images for predict stages: ``{"id", "image" (3,H,W) float normalised, "size" (H, W),
     "multi_hot" (20,) float}`` (``multi_hot`` only when ``image_labels`` are given)."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], transform: Callable, image_labels: ImageLabels | None = None):
+    def __init__(self, layout: DatasetLayout, ids: list[str], transform: Callable, image_labels: ImageLabels | None = None):
         self.layout, self.ids, self.transform, self.image_labels = layout, ids, transform, image_labels
 
     def __len__(self) -> int:

@@ -219,3 +219,49 @@ def make_toy_voc(
     for name, members in lists.items():
         (root / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(members) + "\n")
     return root
+
+
+# The toy classes under their COCO names (VOC spells three of them otherwise).
+VOC_TO_COCO_NAME = {"aeroplane": "airplane", "pottedplant": "potted plant"}
+
+
+def make_toy_coco(out: str | Path, seed: int = 0, num_train: int = 120, num_val: int = 40, size_range: tuple[int, int] = (96, 128)) -> Path:
+    """Write the toy images in the COCO 2014 WSSS layout (:mod:`wsss.data.coco`) under ``out``.
+
+    The same scenes as :func:`make_toy_voc`, their classes relabelled with COCO's values (person 1,
+    car 3, airplane 5, bird 15, cat 16, potted plant 59): ``train2014/`` and ``val2014/`` images
+    named as COCO names them, masks in ``SegmentationClass/<folder>/``, the image-level table
+    ``cls_labels_coco.npy`` (a pickled dict id -> float32[80], as the COCO WSSS tables are saved)
+    and the lists ``ImageSets/train2014.txt``, ``ImageSets/val2014.txt``.
+    """
+    from wsss.classes import COCO_CLASS_NAMES
+
+    root = Path(out)
+    coco_value = np.zeros(256, np.uint8)
+    coco_value[IGNORE_INDEX] = IGNORE_INDEX
+    for value in TOY_CLASSES:
+        name = CLASS_NAMES[value - 1]
+        coco_value[value] = COCO_CLASS_NAMES.index(VOC_TO_COCO_NAME.get(name, name)) + 1
+    rng = np.random.default_rng(seed)
+    table, lists = {}, {}
+    for folder, count, first in (("train2014", num_train, 9), ("val2014", num_val, 42)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / "SegmentationClass" / folder).mkdir(parents=True, exist_ok=True)
+        ids = [f"COCO_{folder}_{first + 7 * index:012d}" for index in range(count)]
+        for image_id in ids:
+            height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
+            image, mask = render_toy_image(rng, height, width)
+            mask = coco_value[mask]
+            with atomic_path(root / folder / f"{image_id}.jpg", ".jpg") as tmp:
+                Image.fromarray(image).save(tmp, format="JPEG", quality=90)
+            write_label_png(root / "SegmentationClass" / folder / f"{image_id}.png", mask)
+            values, counts = np.unique(mask, return_counts=True)
+            row = np.zeros(len(COCO_CLASS_NAMES), np.float32)
+            row[[int(v) - 1 for v, n in zip(values, counts) if 0 < v < IGNORE_INDEX and n >= MIN_VISIBLE_PIXELS]] = 1
+            table[image_id] = row
+        lists[folder] = ids
+    np.save(root / "cls_labels_coco.npy", table, allow_pickle=True)
+    (root / "ImageSets").mkdir(exist_ok=True)
+    for name, members in lists.items():
+        (root / "ImageSets" / f"{name}.txt").write_text("\n".join(members) + "\n")
+    return root

@@ -99,7 +99,8 @@ def png_mode_of(path: Path) -> str | None:
     return next((mode for mode, pil in PIL_MODE_OF_PNG_MODE.items() if pil == pil_mode), None)
 
 
-def is_valid_label_png(path: Path, size: tuple[int, int] | None = None, png_mode: str | None = None) -> bool:
+def is_valid_label_png(path: Path, size: tuple[int, int] | None = None, png_mode: str | None = None,
+                       labels: LabelSet = LABEL_SETS["voc"]) -> bool:
     """True when ``path`` is a complete label PNG with valid values (and ``(H, W)`` == ``size``, and
     written in ``png_mode`` when given): the test for "already done" when a stage resumes, so a
     palette PNG is redone when gray ones are asked for, and the reverse."""
@@ -108,7 +109,7 @@ def is_valid_label_png(path: Path, size: tuple[int, int] | None = None, png_mode
     try:
         if png_mode is not None and png_mode_of(path) != png_mode:
             return False
-        label_map = read_label_png(path)
+        label_map = read_label_png(path, labels=labels)
     except DataError:
         return False
     return size is None or label_map.shape == tuple(size)

@@ -212,15 +212,16 @@ def quiet_library_logs() -> None:
 
 
 def dotted_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> dict[str, Any]:
-    """``["--cams.fusion", "mean", "--segmenter.trainer.max_steps=100"]`` -> ``{"cams.fusion": "mean",
-    "segmenter.trainer.max_steps": 100}``: each value read as YAML; anything else is an argparse error."""
+    """``["--cams.fusion", "mean", "--segmenter.trainer.max_steps=100", "--cam-split", "train"]`` ->
+    ``{"cams.fusion": "mean", "segmenter.trainer.max_steps": 100, "cam_split": "train"}``: each value read
+    as YAML (the configuration then refuses unknown keys); anything else is an argparse error."""
     overrides: dict[str, Any] = {}
     tokens = list(tokens)
     while tokens:
         token = tokens.pop(0)
         key, has_value, text = token[2:].partition("=")
-        if not token.startswith("--") or "." not in key:
-            parser.error(f"unrecognized argument {token!r} (pipeline keys are overridden as --section.key VALUE)")
+        if not token.startswith("--") or not key:
+            parser.error(f"unrecognized argument {token!r} (pipeline keys are overridden as --key VALUE or --section.key VALUE)")
         if not has_value:
             if not tokens or tokens[0].startswith("--"):
                 parser.error(f"{token} needs a value")

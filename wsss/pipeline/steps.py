@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.data.voc import VOCLayout
+from wsss.classes import LABEL_SETS
+from wsss.data import open_layout
+from wsss.data.voc import DatasetLayout
 from wsss.errors import ConfigError, DataError
 from wsss.options import OptionError, narrowed, read_yaml, result_params
 from wsss.pipeline.config import PipelineConfig, TrainingSection
@@ -76,8 +78,12 @@ class Run:
             print(text, flush=True)
 
     @functools.cached_property
-    def layout(self) -> VOCLayout:
-        return VOCLayout(self.data_root)
+    def layout(self) -> DatasetLayout:
+        return open_layout(self.data_root)
+
+    def gt_dir(self, ids: list[str]) -> Path:
+        """The folder of the GT masks of ``ids`` (COCO keeps train2014's and val2014's apart)."""
+        return self.layout.mask_dir_for(ids)
 
     def ids(self, split: str) -> list[str]:
         if split not in self._ids:
@@ -98,8 +104,10 @@ class Run:
                 ids = self.ids(split)
                 files = [self.layout.image_path(i) for i in ids] + ([self.layout.mask_path(i) for i in ids] if masks else [])
                 sizes[split] = [ids, [path.stat().st_size if path.is_file() else None for path in files]]
-            labels = ImageLabels(self.layout, self.config.cams.labels).identity()
-            self._data_identities[key] = digest({"splits": sizes, "labels": labels})
+            identity = {"splits": sizes, "labels": ImageLabels(self.layout, self.config.cams.labels).identity()}
+            if self.layout.labels != LABEL_SETS["voc"]:  # VOC's classes, the only ones before label sets, hash as before
+                identity["label_set"] = dataclasses.asdict(self.layout.labels)
+            self._data_identities[key] = digest(identity)
         return self._data_identities[key]
 
     def cam_variants(self) -> dict[str, CamVariant]:
@@ -142,14 +150,16 @@ class Run:
         return _merged(read_yaml(section.config, f"{folder} stage config"), values)
 
     def classifier_config(self) -> dict[str, Any]:
-        return self.training_config(self.config.classifier, "classifier")
+        # The dataset's label set sizes both networks (VOC 20 + background, COCO 80 + background).
+        return self.training_config(self.config.classifier, "classifier", **{"model.num_classes": self.layout.num_classes})
 
     def segmenter_config(self) -> dict[str, Any]:
         weights = {}
         if _nested(self.config.segmenter.overrides).get("model", {}).get("weights") == THIS_RUNS_CLASSIFIER:
             weights = {"model.weights": f"classifier:{self.out / 'classifier' / 'best.ckpt'}"}
         return self.training_config(self.config.segmenter, "segmenter", **weights, **{
-            "data.train_labels": str(self.out / "pseudo" / "layercam"), "data.train_split": self.config.cam_split})
+            "data.train_labels": str(self.out / "pseudo" / "layercam"), "data.train_split": self.config.cam_split,
+            "model.num_classes": self.layout.labels.num_labels})
 
 
 def check_training_configs(run: Run) -> None:
@@ -207,7 +217,7 @@ def eval_cams_step(run: Run) -> dict[str, Any]:
     for row, folder, key in SEED_ROWS:
         if folder not in run.cam_variants() or not run.has_layers(folder, key):
             continue
-        scores = evaluate_cams(run.out / "cams" / folder, run.layout.mask_dir, ids, thresholds, key=key, workers=run.config.eval_cams.workers)
+        scores = evaluate_cams(run.out / "cams" / folder, run.gt_dir(ids), ids, thresholds, key=key, workers=run.config.eval_cams.workers, labels=run.layout.labels)
         best = best_threshold(scores)
         rows[row] = {"best_threshold": best, "best_miou": float(scores[best].miou), "miou_at_0.3": float(scores[DEFAULT_THRESHOLD].miou)}
         run.say(f"  {row}: mIoU {100 * rows[row]['best_miou']:.1f} at {best:g}, {100 * rows[row]['miou_at_0.3']:.1f} at 0.3")
@@ -240,9 +250,9 @@ def refine_step(run: Run) -> dict[str, Any]:
                                     split=run.config.cam_split, progress=False)
         run.say(f"  refined/{folder}: seeds below {options.bg_threshold:g} / from {options.fg_threshold:g}; {summary.line()}")
         counts[folder] = summary_dict(summary)
-        scores = evaluate_cams(out / "cams", run.layout.mask_dir, ids, thresholds, workers=run.config.eval_cams.workers)
+        scores = evaluate_cams(out / "cams", run.gt_dir(ids), ids, thresholds, workers=run.config.eval_cams.workers, labels=run.layout.labels)
         best = best_threshold(scores)
-        labels = evaluate_labels(out / "labels", run.layout.mask_dir, ids)
+        labels = evaluate_labels(out / "labels", run.gt_dir(ids), ids, labels=run.layout.labels)
         row = seed_row(folder)
         rows[refined_row(row)] = {"best_threshold": best, "best_miou": float(scores[best].miou),
                                         "miou_at_0.3": float(scores[DEFAULT_THRESHOLD].miou), "labels_miou": float(labels.miou),
@@ -299,7 +309,7 @@ def eval_pseudo_step(run: Run) -> dict[str, Any]:
     for row, folder in PSEUDO_ROWS:
         if folder in run.pseudo_variants():
             row = refined_row(row) if folder in run.refined_variants() else row
-            scores = evaluate_label_maps(run.out / "pseudo" / folder, run.layout.mask_dir, ids)
+            scores = evaluate_label_maps(run.out / "pseudo" / folder, run.gt_dir(ids), ids, labels=run.layout.labels)
             rows[row] = {"miou": float(scores.scores.miou), "labelled_share": scores.labelled_share,
                          "miou_labelled": float(scores.labelled.miou)}
             run.say(f"  {row}: pseudo-label mIoU {100 * scores.scores.miou:.1f}")
@@ -333,7 +343,7 @@ def evaluate_step(run: Run) -> dict[str, Any]:
 
     rows = {}
     for split in run.prediction_splits():
-        scores = evaluate_labels(run.out / "predictions" / split, run.layout.mask_dir, run.ids(split))
+        scores = evaluate_labels(run.out / "predictions" / split, run.gt_dir(run.ids(split)), run.ids(split), labels=run.layout.labels)
         rows[split] = {"miou": float(scores.miou), "pixel_accuracy": float(scores.pixel_accuracy)}
     write_json(run.out / "results.json", build_results(run.config, run.data_root, lambda step: read_manifest(run.out, step), rows))
     return {"counts": {split: len(run.ids(split)) for split in rows}, "results": rows}
@@ -359,6 +369,11 @@ def _weights_identity(run: Run, weights: Any) -> Any:
     return f"sha256:{file_digest(path)}" if path.is_file() else weights
 
 
+# Model options a training stage gained after run folders existed: at their default they hash as if
+# absent, so an older folder's step stays up to date (it was made with that default).
+OPTIONS_ADDED_LATER: dict[str, dict[str, Any]] = {"classifier": {"num_classes": 20}}
+
+
 def training_options(run: Run, name: str) -> dict[str, Any]:
     """What a training step's hash covers: the stage's configuration as its parser resolves it
     (every default filled in; not the YAML's text or path), less the settings that only log or
@@ -379,6 +394,9 @@ def training_options(run: Run, name: str) -> dict[str, Any]:
         if isinstance(section, dict):
             section.pop(last, None)
     model, data = resolved.get("model", {}), resolved.get("data", {})
+    for key, default in OPTIONS_ADDED_LATER.get(name, {}).items():
+        if model.get(key) == default:
+            model.pop(key)
     if "weights" in model:
         model["weights"] = _weights_identity(run, model["weights"])
     data.pop("root", None)

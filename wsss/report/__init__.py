@@ -48,8 +48,13 @@ class RunFiles:
     """Where one pipeline output folder keeps each input of a report row."""
 
     out_dir: Path
-    layout: Any | None  # wsss.data.voc.VOCLayout, or None when no data root is known
+    layout: Any | None  # wsss.data.voc.DatasetLayout, or None when no data root is known
     prediction_dirs: list[Path]  # searched in order for <id>.png
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Names of the dataset's label values (VOC's when no data root is known)."""
+        return LABEL_NAMES if self.layout is None else self.layout.labels.names
 
     @property
     def columns(self) -> tuple[tuple[str, str, str | None], ...]:
@@ -95,11 +100,10 @@ def _open_run(out_dir: str | Path, data_root: str | Path | None, prediction_spli
         if data_root is not None and not Path(str(data_root)).expanduser().exists() and (out_dir / str(data_root)).exists():
             data_root = out_dir / str(data_root)  # a root recorded relative to the output folder
     if data_root is not None:
-        from wsss.data import resolve_data_root
-        from wsss.data.voc import VOCLayout
+        from wsss.data import open_layout
 
         try:
-            layout = VOCLayout(resolve_data_root(data_root))
+            layout = open_layout(data_root)
         except DataError as exc:
             log.warning("images and GT masks will show as n/a: %s", exc)
     else:
@@ -112,13 +116,13 @@ def _open_run(out_dir: str | Path, data_root: str | Path | None, prediction_spli
     return RunFiles(out_dir, layout, dirs)
 
 
-def _first_class_map(path: Path, key: str) -> tuple[np.ndarray, str]:
-    """(map of the first class, its name) from one CAM file, read and validated by
+def _first_class_map(path: Path, key: str, names: Sequence[str] = LABEL_NAMES) -> tuple[np.ndarray, str]:
+    """(map of the first class, its name in ``names``) from one CAM file, read and validated by
     :func:`wsss.formats.cams.read_cams`; raises when it has no class."""
-    cams, classes = read_cams(path, key)
+    cams, classes = read_cams(path, key, num_classes=len(names) - 1)
     if not len(classes):
         raise KeyError("no classes")
-    return cams[0].astype(np.float32), LABEL_NAMES[int(classes[0])]
+    return cams[0].astype(np.float32), names[int(classes[0])]
 
 
 def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list[Image.Image]:
@@ -145,13 +149,13 @@ def render_row(files: RunFiles, image_id: str, tile: int = DEFAULT_TILE) -> list
             if path is None or not path.is_file():
                 raise FileNotFoundError("no data root" if source in ("gt", "image") and path is None else "missing")
             if key is not None:
-                cam, name = _first_class_map(path, key)
+                cam, name = _first_class_map(path, key, files.label_names)
                 cam = resize_to(cam, size, nearest=False) if size else cam
                 tiles.append(fit_tile(cam_overlay(image, cam), tile, f"{title}: {name}"))
             else:
                 label_map = read_label_png(path, check_values=False)
                 label_map = resize_to(label_map, size, nearest=True) if size else label_map
-                names = present_classes(label_map)
+                names = present_classes(label_map, files.label_names)
                 tiles.append(fit_tile(label_overlay(image, label_map), tile, ", ".join(names) or "background only"))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop a report
             if not isinstance(exc, FileNotFoundError):
@@ -179,13 +183,15 @@ def _report_ids(files: RunFiles, split: str, max_images: int) -> list[str]:
     return ids[:max_images]
 
 
-def write_report(out_dir: str | Path, data_root: str | Path | None = None, split: str = "train",
+def write_report(out_dir: str | Path, data_root: str | Path | None = None, split: str | None = None,
                  max_images: int = 12, tile: int = DEFAULT_TILE, images_per_sheet: int = IMAGES_PER_SHEET) -> Path:
     """Write ``OUT/report/sheet_XX.png`` and ``OUT/report/index.html``; return the index path.
 
-    ``data_root`` defaults to ``data_root`` in ``OUT/results.json``; predictions are read from
-    ``OUT/predictions/<split>/``.
+    ``data_root`` defaults to ``data_root`` in ``OUT/results.json``, ``split`` to its ``eval_split``
+    (else ``train``); predictions are read from ``OUT/predictions/<split>/``.
     """
+    if split is None:
+        split = str((read_results(Path(out_dir).expanduser())[0] or {}).get("eval_split", "train"))
     if max_images < 0 or tile < 16 or images_per_sheet < 1:
         raise ConfigError(f"need max_images >= 0, tile >= 16, images_per_sheet >= 1 (got {max_images}, {tile}, {images_per_sheet})")
     files = _open_run(out_dir, data_root, [split])
@@ -233,7 +239,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("out", type=Path, help="pipeline output folder (written by `wsss run`)")
     parser.add_argument("--data-root", default=None, help="dataset root or `toy` (default: data_root in OUT/results.json)")
-    parser.add_argument("--split", default="train", help="split whose first images are shown (default: train)")
+    parser.add_argument("--split", default=None, help="split whose first images are shown (default: the run's eval_split in "
+                        "OUT/results.json, else train)")
     parser.add_argument("--max-images", type=int, default=12, help="images to show (default: 12)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default: {DEFAULT_TILE})")
     args = parser.parse_args(argv)

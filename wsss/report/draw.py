@@ -88,9 +88,10 @@ def label_overlay(image: np.ndarray | None, label_map: np.ndarray) -> np.ndarray
     return blend(image, colours, LABEL_ALPHA)
 
 
-def present_classes(label_map: np.ndarray) -> list[str]:
-    values = np.flatnonzero(np.bincount(label_map.reshape(-1), minlength=256)[1:len(LABEL_NAMES)]) + 1
-    return [LABEL_NAMES[v] for v in values]
+def present_classes(label_map: np.ndarray, names: Sequence[str] = LABEL_NAMES) -> list[str]:
+    """Names of the foreground label values in ``label_map`` (``names[v]`` is value ``v``, 0 background)."""
+    values = np.flatnonzero(np.bincount(label_map.reshape(-1), minlength=256)[1:len(names)]) + 1
+    return [names[v] for v in values]
 
 
 def resize_to(array: np.ndarray, size_hw: tuple[int, int], nearest: bool) -> np.ndarray:

@@ -26,12 +26,11 @@ from torchvision.models import VisionTransformer
 
 from wsss import limit_onednn_cache
 from wsss.cams import VIEW_WEIGHTINGS
-from wsss.classes import CLASS_NAMES, NUM_CLASSES
-from wsss.data import resolve_data_root
+from wsss.data import open_layout
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
-from wsss.data.voc import ImageLabels, VOCLayout
+from wsss.data.voc import ImageLabels
 from wsss.errors import ConfigError
 from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_files_in, cam_path, is_complete
 from wsss.formats.images import image_size
@@ -125,7 +124,7 @@ def make_cams(
     if output_format != "npz" and any(v.save_layers for v in outputs.values()):
         raise ConfigError(f"per-layer maps (--save-layers) are stored only in the npz format; the {output_format} layout has no place for them")
     folders = {Path(out_dir): variant for out_dir, variant in outputs.items()}
-    layout = VOCLayout(resolve_data_root(data_root))
+    layout = open_layout(data_root)
     image_labels = ImageLabels(layout, options.labels)
     ids = layout.read_ids(split)
     layout.check_images(ids)
@@ -136,6 +135,7 @@ def make_cams(
         model, classifier_identity, source = classifier, f"state_dict:{module_digest(classifier)}", type(classifier).__name__
     else:
         model, classifier_identity, source = load_classifier(classifier), f"sha256:{file_digest(classifier)}", Path(classifier).resolve()
+    check_output_count(model, layout)
     for out_dir, variant in folders.items():
         claim_folder(out_dir, "cams", **cam_record(variant, options, output_format, classifier_identity, image_labels.identity()),
                      overwrite=overwrite, existing=cam_files_in(out_dir), what="CAM files", writer=is_global_zero(),
@@ -166,6 +166,16 @@ def make_cams(
     return {out_dir: CamCounts(written=sum(w[str(out_dir)] for w in written), skipped=skipped[out_dir]) for out_dir in folders}
 
 
+def check_output_count(model: nn.Module, layout) -> None:
+    """ConfigError unless the classifier has one output per class of the dataset's label set (its
+    final layer's rows: output k explains label value k + 1)."""
+    heads = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    outputs = heads[-1].out_features if heads and isinstance(heads[-1], nn.Linear) else None
+    if outputs is not None and outputs != layout.num_classes:
+        raise ConfigError(f"the classifier has {outputs} outputs, but the dataset's label set {layout.labels.name!r} has "
+                          f"{layout.num_classes} classes ({layout.root}): use a classifier trained on these classes")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="wsss cams", description="Stage 2: CAMs of every image's image-level classes, fused across layers.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -173,7 +183,7 @@ def main(argv: list[str]) -> int:
     source.add_argument("--model", help="torchvision:NAME (e.g. torchvision:resnet50), a torchvision classifier with --weights; "
                         "--layers are then its module names (e.g. layer3,layer4)")
     parser.add_argument("--weights", help="with --model: a state-dict file of that model with a 20-output head, output k "
-                        "being VOC class k+1 (0 aeroplane ... 19 tvmonitor); torch.save(model.state_dict(), FILE)")
+                        "being class k+1 of the dataset (VOC: 0 aeroplane ... 19 tvmonitor); torch.save(model.state_dict(), FILE)")
     parser.add_argument("--data-root", required=True, help="VOC2012 folder (or VOCdevkit, or its parent), or 'toy'")
     parser.add_argument("--out", required=True, help="output folder for <id>.npz (<id>.npy with --format irn or psa)")
     parser.add_argument("--format", default="npz", choices=OUTPUT_FORMATS,
@@ -199,10 +209,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--model {args.model} needs --weights FILE, a state dict of that model (random weights explain nothing)")
         if not args.layers:
             raise ConfigError(f"--model {args.model} needs --layers: module names of the model, e.g. layer3,layer4 for a ResNet")
+        names = open_layout(args.data_root).labels.names[1:]
         classifier = load_torchvision_classifier(
-            args.model, args.weights, NUM_CLASSES,
-            why=f"output k is explained as VOC class k+1 ({CLASS_NAMES[0]} = 0 ... {CLASS_NAMES[-1]} = {NUM_CLASSES - 1}), so "
-            "the head must be one fine-tuned on VOC's 20 image-level labels in that order")
+            args.model, args.weights, len(names),
+            why=f"output k is explained as class k+1 of the dataset ({names[0]} = 0 ... {names[-1]} = {len(names) - 1}), so "
+            f"the head must be one fine-tuned on its {len(names)} image-level labels in that order")
         if isinstance(classifier, VisionTransformer):  # its asserted input size would fail on the first image
             raise ConfigError(f"{args.model} takes only {classifier.image_size}x{classifier.image_size} images and outputs tokens: "
                               "use the Python API (wsss.cams.LayerCAM with reshape_transform=wsss.cams.tokens_to_nchw)")

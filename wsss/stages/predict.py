@@ -11,11 +11,10 @@ from pathlib import Path
 
 from wsss import limit_onednn_cache
 from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.data import resolve_data_root
+from wsss.data import open_layout
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
-from wsss.data.voc import VOCLayout
 from wsss.errors import ConfigError
 from wsss.formats.label_png import PNG_MODE_HELP, PNG_MODES, label_pngs_in, missing_label_pngs
 from wsss.io import ensure_output_dir
@@ -86,7 +85,7 @@ def predict_segmentation(
     if options.crf and not crf_available():
         raise ConfigError(f"--crf: {CRF_INSTALL_HINT}")
     model = load_segmenter(checkpoint)
-    layout = VOCLayout(resolve_data_root(data_root))
+    layout = open_layout(data_root)
     ids = layout.read_ids(split)
     out_dir = ensure_output_dir(out_dir)
     claim_folder(out_dir, "predict-seg", result_params(options), {"segmenter": f"sha256:{file_digest(checkpoint)}"}, overwrite=overwrite,

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from wsss.classes import LABEL_SETS, NUM_CLASSES, LabelSet
 from wsss.crf import CRF_INSTALL_HINT, crf_available
-from wsss.data import resolve_data_root
+from wsss.data import open_layout
 from wsss.data.modules import PredictDataModule
-from wsss.data.voc import VOCLayout
 from wsss.errors import MAX_NAMED, ConfigError, DataError, name_some
 from wsss.formats.cams import find_cam_files, read_cams
 from wsss.formats.images import image_size, read_image
@@ -41,17 +41,18 @@ log = logging.getLogger(__name__)
 
 def make_pseudo_label(image_path: Path, cam_path: Path, out_path: Path | None, threshold: float = DEFAULT_THRESHOLD,
                       key: str | None = None, ignore_below: float | None = None, crf: bool = False, png_mode: str = "palette",
-                      **slic_kwargs: Any) -> np.ndarray:
+                      num_classes: int = NUM_CLASSES, **slic_kwargs: Any) -> np.ndarray:
     """Load an image and its CAM file, vote per superpixel (eq. 10; superpixels scored in
     [``threshold``, ``ignore_below``) left at 255; with ``crf``, on the dense-CRF marginals of
     the scores, :func:`wsss.pseudo.crf_scores`), write ``out_path`` atomically as a ``png_mode``
     (``palette`` or ``gray``) PNG.
 
+    ``num_classes``: the dataset's foreground classes (VOC 20, COCO 80), the largest class value a CAM file may hold.
     Returns the (H, W) uint8 label map. ``out_path=None`` skips writing (sweeps, tests).
     Raises DataError naming the file on any input problem.
     """
     image = read_image(image_path)
-    cams, classes = read_cams(cam_path, key, image_size=image.shape[:2])
+    cams, classes = read_cams(cam_path, key, image_size=image.shape[:2], num_classes=num_classes)
     if cams.shape[1:] != image.shape[:2]:
         raise DataError(
             f"{cam_path}: maps have spatial shape {tuple(cams.shape[1:])} but image {image_path.name} "
@@ -168,8 +169,9 @@ class PseudoLabelDataset(Dataset):
     Input errors (DataError) become ``failed`` items, so one bad file does not stop the run.
     """
 
-    def __init__(self, jobs: Sequence[PseudoLabelJob], options: PseudoLabelOptions, key: str | None = None, overwrite: bool = False):
-        self.jobs, self.options, self.key, self.overwrite = list(jobs), options, key, overwrite
+    def __init__(self, jobs: Sequence[PseudoLabelJob], options: PseudoLabelOptions, key: str | None = None, overwrite: bool = False,
+                 labels: LabelSet = LABEL_SETS["voc"]):
+        self.jobs, self.options, self.key, self.overwrite, self.labels = list(jobs), options, key, overwrite, labels
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -178,10 +180,10 @@ class PseudoLabelDataset(Dataset):
         job, options = self.jobs[index], self.options
         item: dict[str, Any] = {"id": job.image_id, "status": "skipped", "label_map": None, "message": ""}
         try:
-            if not self.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path), options.png_mode):
+            if not self.overwrite and job.out_path.exists() and is_valid_label_png(job.out_path, image_size(job.image_path), options.png_mode, self.labels):
                 return item
             item["label_map"] = make_pseudo_label(job.image_path, job.cam_path, None, options.threshold, self.key, options.ignore_below,
-                                                   options.crf, **options.slic)
+                                                   options.crf, num_classes=self.labels.num_labels - 1, **options.slic)
             item["status"] = "labelled"
         except DataError as exc:
             item.update(status="failed", message=str(exc))
@@ -216,7 +218,7 @@ def make_pseudo_labels(
     if options.crf and not crf_available():
         raise ConfigError(f"pseudo-labels with a dense CRF: {CRF_INSTALL_HINT}")
     start = time.perf_counter()
-    layout = VOCLayout(resolve_data_root(data_root))
+    layout = open_layout(data_root)
     ids = layout.read_ids(split)
     layout.check_images(ids)
     out_dir = ensure_output_dir(out_dir)
@@ -238,7 +240,7 @@ def make_pseudo_labels(
         log.info("%d images from %s; SLIC %s; threshold %g; %d workers", len(jobs), split, options.slic, options.threshold, workers)
         writer = PseudoLabelWriter(out_dir, options.png_mode)
         trainer = predict_trainer(writer, options.accelerator, options.devices, strategy, progress)
-        data = PredictDataModule(PseudoLabelDataset(jobs, options, key, overwrite), batch_size=1, num_workers=workers if workers > 1 else 0,
+        data = PredictDataModule(PseudoLabelDataset(jobs, options, key, overwrite, layout.labels), batch_size=1, num_workers=workers if workers > 1 else 0,
                                  collate_fn=list)
         trainer.predict(PassThroughPredictor(), datamodule=data, return_predictions=False)
         per_process = gather_objects(trainer, (writer.written, writer.skipped, writer.failed))

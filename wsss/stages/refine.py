@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsss import limit_onednn_cache
 from wsss.affinity import neighbour_offsets, random_walk_bytes
-from wsss.data import resolve_data_root
+from wsss.data import open_layout
 from wsss.data.datasets import SegmentationDataset, collate_list
 from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform, to_tv, train_transform
-from wsss.data.voc import VOCLayout
+from wsss.data.voc import DatasetLayout
 from wsss.errors import ConfigError, DataError, name_some
 from wsss.formats.cams import cam_files_in, find_cam_files, is_complete, read_cams, write_cams
 from wsss.formats.images import image_size, read_image
@@ -134,7 +134,7 @@ class RefineSummary:
 class RefineDataset(Dataset):
     """Full-size images with their CAMs: ``{"id", "image" (3, H, W), "cams" (K, H, W) float32, "classes"}``."""
 
-    def __init__(self, layout: VOCLayout, ids: list[str], cam_files: dict[str, Path]):
+    def __init__(self, layout: DatasetLayout, ids: list[str], cam_files: dict[str, Path]):
         self.layout, self.ids, self.cam_files, self.transform = layout, ids, cam_files, eval_transform()
 
     def __len__(self) -> int:
@@ -143,7 +143,7 @@ class RefineDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image = read_image(self.layout.image_path(image_id))
-        cams, classes = read_cams(self.cam_files[image_id], image_size=image.shape[:2])
+        cams, classes = read_cams(self.cam_files[image_id], image_size=image.shape[:2], num_classes=self.layout.num_classes)
         if cams.shape[1:] != image.shape[:2]:
             raise DataError(f"{self.cam_files[image_id]}: maps are {cams.shape[1:]} but the image is {image.shape[:2]}")
         return {"id": image_id, "image": self.transform(*to_tv(image)), "cams": torch.from_numpy(cams.astype(np.float32)),
@@ -166,7 +166,7 @@ class RefineWriter(PerImageWriter):
         self.written += 1
 
 
-def check_walk_memory(layout: VOCLayout, ids: list[str], options: RefineOptions) -> float:
+def check_walk_memory(layout: DatasetLayout, ids: list[str], options: RefineOptions) -> float:
     """MiB of one image's random walk at the largest image of ``ids``; ConfigError before any work
     when that exceeds ``max_memory_mb``, naming the size it would need."""
     height, width = max((image_size(layout.image_path(i)) for i in ids), key=lambda hw: hw[0] * hw[1])
@@ -190,7 +190,7 @@ def check_classifier(cam_dir: Path, classifier_identity: str) -> None:
         log.warning("%s has no record of the classifier that made it; refining it with the one given", cam_dir)
 
 
-def train_affinity(system: AffinitySystem, layout: VOCLayout, ids: list[str], seed_dir: Path, ckpt_dir: Path,
+def train_affinity(system: AffinitySystem, layout: DatasetLayout, ids: list[str], seed_dir: Path, ckpt_dir: Path,
                    options: RefineOptions, progress: bool) -> int:
     """Fit ``system`` on seed crops (resuming from ``ckpt_dir/last.ckpt``); returns the steps trained."""
     dataset = SegmentationDataset(layout, ids, seed_dir, train_transform(options.crop_size, tuple(options.scale_range), True, 0.0))
@@ -225,7 +225,7 @@ def make_refined_cams(
     limit_onednn_cache()
     start = time.perf_counter()
     cam_dir, out = Path(cam_dir), Path(out_dir)
-    layout = VOCLayout(resolve_data_root(data_root))
+    layout = open_layout(data_root)
     ids = layout.read_ids(split)
     layout.check_images(ids)
     cam_files, missing = find_cam_files(cam_dir, ids)
@@ -252,7 +252,7 @@ def make_refined_cams(
                                       workers=max(1, options.num_workers))
     make_pseudo_labels(layout.root, cam_dir, seed_dir, split=split, options=seed_options, overwrite=overwrite,
                        progress=progress).raise_for_failures()
-    summary.no_foreground = [i for i in ids if not (read_label_png(seed_dir / f"{i}.png") % 255).any()]
+    summary.no_foreground = [i for i in ids if not (read_label_png(seed_dir / f"{i}.png", labels=layout.labels) % 255).any()]
     summary.seconds["seeds"] = time.perf_counter() - phase
 
     # 2. the affinity net on the classifier's trunk.

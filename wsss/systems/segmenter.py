@@ -14,7 +14,7 @@ from wsss.metrics import SegmentationMetric
 from wsss.models.deeplab import DeepLabLargeFOV
 from wsss.segmentation import image_probabilities, nearest_labels
 from wsss.systems.schedules import held_until, per_step_schedule, schedule_factor
-from wsss.systems.state_dicts import check_state_dict
+from wsss.systems.state_dicts import check_class_count, check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class SegmenterSystem(pl.LightningModule):
             torchvision VGG16 state-dict path, ``classifier:/path/to.ckpt`` (trunk of our stage-1
             classifier) or ``none`` (random; toys and tests).
         width: channel multiplier (1.0 = the paper's network).
-        num_classes: labels incl. background (21 for VOC).
+        num_classes: labels incl. background (21 for VOC, 81 for COCO); training checks it against the data.
         loss_at: ``image``: logits upsampled bilinearly to the crop and compared with every label
             pixel (default); ``logits``: labels subsampled with nearest neighbour to the 1/8 logit
             grid, as DeepLab's Caffe code did.
@@ -67,6 +67,9 @@ class SegmenterSystem(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.val_metric = SegmentationMetric(num_classes, IGNORE_INDEX)
 
+    def setup(self, stage: str) -> None:
+        check_class_count(self, self.hparams.num_classes, foreground=False)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Raw 1/8-resolution logits (N, C, h, w)."""
         if self.hparams.channels_last:
@@ -98,7 +101,9 @@ class SegmenterSystem(pl.LightningModule):
         self.log("val/mIoU", float(np.nan_to_num(scores.miou)), prog_bar=True, sync_dist=False)
         self.log("val/pixel_acc", float(np.nan_to_num(scores.pixel_accuracy)), sync_dist=False)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            log.info("step %d validation:\n%s", self.global_step, scores.table())
+            labels = getattr(self.trainer.datamodule, "labels", None)
+            names = labels.names if labels is not None else [f"label {v}" for v in range(self.hparams.num_classes)]
+            log.info("step %d validation:\n%s", self.global_step, scores.table(names))
         self.val_metric.reset()
 
     def configure_optimizers(self):

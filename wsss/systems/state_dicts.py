@@ -1,12 +1,13 @@
-"""Whether a state dict is a given system's: the check both systems' ``on_load_checkpoint`` run
-(apart from :mod:`wsss.systems.checkpoints`, which loads the systems, so that neither imports the other)."""
+"""What both systems check before they train or load: that a state dict is theirs (``on_load_checkpoint``)
+and that their class count is the data's (``setup``). Apart from :mod:`wsss.systems.checkpoints`, which
+loads the systems, so that neither imports the other."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from wsss.errors import WeightsError
+from wsss.errors import ConfigError, WeightsError
 
 
 class CheckpointMismatch(WeightsError):
@@ -34,3 +35,18 @@ def check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str, c
     if wrong:
         key = wrong[0]
         raise CheckpointMismatch(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)} (a different width or class count?)")
+
+
+def check_class_count(system: Any, num_classes: int, foreground: bool) -> None:
+    """ConfigError unless ``num_classes`` (the system's ``model.num_classes``) is what its data module's
+    label set needs: its foreground classes (the classifier) or all its labels (the segmenter).
+    Nothing to check without a data module that knows its labels (a model used alone)."""
+    trainer = getattr(system, "_trainer", None)
+    labels = getattr(getattr(trainer, "datamodule", None), "labels", None)
+    if labels is None:
+        return
+    needed = labels.num_labels - 1 if foreground else labels.num_labels
+    if num_classes != needed:
+        what = "foreground classes" if foreground else "labels, background included"
+        raise ConfigError(f"model.num_classes is {num_classes}, but the data's label set {labels.name!r} has {needed} {what}: "
+                          f"set model.num_classes: {needed}")
