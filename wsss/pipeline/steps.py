@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss.classes import LABEL_SETS
+from wsss.classes import LABEL_SETS, NUM_CLASSES
 from wsss.data import open_layout
 from wsss.data.voc import DatasetLayout
 from wsss.errors import ConfigError, DataError
@@ -371,7 +371,7 @@ def _weights_identity(run: Run, weights: Any) -> Any:
 
 # Model options a training stage gained after run folders existed: at their default they hash as if
 # absent, so an older folder's step stays up to date (it was made with that default).
-OPTIONS_ADDED_LATER: dict[str, dict[str, Any]] = {"classifier": {"num_classes": 20}}
+OPTIONS_ADDED_LATER: dict[str, dict[str, Any]] = {"classifier": {"num_classes": NUM_CLASSES}}
 
 
 def training_options(run: Run, name: str) -> dict[str, Any]:

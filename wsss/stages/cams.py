@@ -30,7 +30,7 @@ from wsss.data import open_layout
 from wsss.data.datasets import ImageDataset, collate_list
 from wsss.data.modules import PredictDataModule
 from wsss.data.transforms import eval_transform
-from wsss.data.voc import ImageLabels
+from wsss.data.voc import DatasetLayout, ImageLabels
 from wsss.errors import ConfigError
 from wsss.formats.cams import SUFFIX_OF_FORMAT, cam_files_in, cam_path, is_complete
 from wsss.formats.images import image_size
@@ -166,7 +166,7 @@ def make_cams(
     return {out_dir: CamCounts(written=sum(w[str(out_dir)] for w in written), skipped=skipped[out_dir]) for out_dir in folders}
 
 
-def check_output_count(model: nn.Module, layout) -> None:
+def check_output_count(model: nn.Module, layout: DatasetLayout) -> None:
     """ConfigError unless the classifier has one output per class of the dataset's label set (its
     final layer's rows: output k explains label value k + 1)."""
     heads = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
