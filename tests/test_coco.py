@@ -177,3 +177,13 @@ def test_the_segmenter_data_oversamples_images_of_rare_classes(toy_root):
     draws = Counter(index for _ in range(40) for index in loader.sampler)
     rare, common = factors.argmax(), factors.argmin()
     assert draws[rare] > draws[common]
+
+
+def test_wsss_run_refuses_a_crf_option_without_pydensecrf_before_any_step(tmp_path, toy_root, monkeypatch, capsys):
+    import wsss.crf
+
+    monkeypatch.setattr(wsss.crf, "crf_available", lambda: False)
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", predict={"num_workers": 0, "crf": True})
+    assert cli_main(["run", "-c", str(config)]) == 2
+    assert "predict.crf: dense CRF needs pydensecrf" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "classifier").exists()

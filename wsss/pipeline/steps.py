@@ -162,6 +162,15 @@ class Run:
             "model.num_classes": self.layout.labels.num_labels})
 
 
+def check_extras(run: Run) -> None:
+    """ConfigError now, not hours in, when a step's option needs an optional package that is missing."""
+    from wsss.crf import CRF_INSTALL_HINT, crf_available
+
+    wanted = [name for name, on in (("pseudo.crf", run.config.pseudo.crf), ("predict.crf", run.config.predict.crf)) if on]
+    if wanted and not crf_available():
+        raise ConfigError(f"{' and '.join(wanted)}: {CRF_INSTALL_HINT}")
+
+
 def check_training_configs(run: Run) -> None:
     """Parse both training stages' configurations now: a misspelt key in the segmenter section must
     not wait for the classifier, CAM and pseudo-label steps to finish before it is reported."""
