@@ -4,11 +4,14 @@ the paper-scale schedule from those rates.
 Paper scale (configs/pipeline.yaml): VOC 2012 train_aug, 10,582 images; classifier 15 epochs at
 batch 16, crop 448; CAMs of train_aug (LayerCAM stages 3-5 plus Grad-CAM and Grad-CAM++ stage 5,
 one pass) at VOC size 375x500; pseudo-labels (SLIC + eq. 10 on CPU worker processes); DeepLab-
-LargeFOV 16,000 steps at batch 10, crop 321; prediction of val's 1,449 images.
+LargeFOV 16,000 steps at batch 10, crop 321; prediction of val's 1,449 images. The refinement of
+configs/pipeline_refine.yaml is timed too and projected apart (AffinityNet 8,000 steps at batch 8,
+crop 448, frozen trunk; a 256-step random walk of 3 CAM folders of train_aug).
 
 Each stage runs the real code on inputs of the real shapes: the ``ClassifierSystem`` and
 ``SegmenterSystem`` training steps (forward, loss, backward, SGD step), ``compute_cam_sets``,
-``superpixel_labels`` with SLIC on a 375x500 image, ``image_probabilities``. Weights are random
+``superpixel_labels`` with SLIC on a 375x500 image, ``image_probabilities``, the ``AffinitySystem``
+training step and ``RefinePredictor.refine``. Weights are random
 (``--weights`` for a real file); timing does not depend on them. Not timed: data loading and
 JPEG decoding (DataLoader workers overlap them with the steps on a GPU machine), checkpoint
 writes and validation passes (a few minutes in all); the projection says so.
@@ -23,13 +26,16 @@ import argparse
 import contextlib
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 PAPER = {"train_images": 10582, "classifier_epochs": 15, "classifier_batch": 16, "classifier_crop": 448,
-         "segmenter_steps": 16000, "segmenter_batch": 10, "segmenter_crop": 321, "val_images": 1449}
+         "segmenter_steps": 16000, "segmenter_batch": 10, "segmenter_crop": 321, "val_images": 1449,
+         "affinity_steps": 8000, "affinity_batch": 8, "affinity_crop": 448, "refine_folders": 3}
+REFINE = {"kind": "boundary", "stride": 4, "radius": 5, "beta": 10.0, "iterations": 256}  # configs/pipeline_refine.yaml
 IMAGE = (375, 500)
 CLASSES_PER_IMAGE = (1, 2, 1, 3)  # cycled; VOC train_aug averages ~1.5 classes per image
 
@@ -38,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (or images) per stage, after one warm-up")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="autocast dtype of training and prediction")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="autocast dtype of training and prediction; auto: bf16 where the training stages use it "
+                             "(wsss.trainers.default_precision: a GPU or CPU with native bf16), else fp32")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="NHWC training and prediction (the training stages' default)")
     parser.add_argument("--cam-batch", type=int, default=4, help="images per CAM forward")
@@ -60,61 +68,83 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
-    from wsss.cams import compute_cam_sets
-    from wsss.pseudo import superpixel_labels
-    from wsss.segmentation import image_probabilities
-    from wsss.systems.classifier import ClassifierSystem
-    from wsss.systems.segmenter import SegmenterSystem
+def training_step_seconds(parameters, loss_of_batch, steps: int, device: torch.device, autocast) -> float:
+    """Seconds per SGD step (forward and loss under ``autocast``, backward, update)."""
+    optimizer = torch.optim.SGD(parameters, lr=1e-3, momentum=0.9)
 
-    torch.manual_seed(0)
-    rates: dict[str, float] = {}
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_of_batch()
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, steps, device)
+
+
+def classifier_and_cam_rates(args, device: torch.device, autocast) -> tuple[dict[str, float], torch.nn.Module]:
+    """The classifier's training step and the CAM pass per image; also the trained-mode model's trunk
+    for the refinement."""
+    from wsss.cams import compute_cam_sets
+    from wsss.systems.classifier import ClassifierSystem
 
     classifier = ClassifierSystem(weights=args.weights, channels_last=args.channels_last).to(device).train()
     images = torch.randn(PAPER["classifier_batch"], 3, PAPER["classifier_crop"], PAPER["classifier_crop"], device=device)
     targets = (torch.rand(PAPER["classifier_batch"], 20, device=device) < 0.1).float()
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=1e-3, momentum=0.9)
-
-    def classifier_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.multilabel_soft_margin_loss(classifier(images).float(), targets)
-        loss.backward()
-        optimizer.step()
-
-    rates["classifier step"] = timed(classifier_step, args.steps, device)
-    del optimizer, images
-
+    rates = {"classifier step": training_step_seconds(
+        classifier.parameters(), lambda: F.multilabel_soft_margin_loss(classifier(images).float(), targets), args.steps, device, autocast)}
     model = classifier.model.eval()  # NHWC with --channels-last, as `cams --channels-last` runs it
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     batch = torch.randn(args.cam_batch, 3, *IMAGE, device=device).contiguous(memory_format=memory_format)
     classes = [list(range(CLASSES_PER_IMAGE[n % len(CLASSES_PER_IMAGE)])) for n in range(args.cam_batch)]
     requests = {"layercam": ["stage3", "stage4", "stage5"], "gradcam": ["stage5"], "gradcam++": ["stage5"]}
     rates["CAM image"] = timed(lambda: compute_cam_sets(model, batch, classes, requests), args.steps, device) / args.cam_batch
-    del classifier, model, batch
+    return rates, model.features
+
+
+def refine_rates(args, device: torch.device, autocast, trunk: torch.nn.Module) -> dict[str, float]:
+    """configs/pipeline_refine.yaml's AffinityNet training step and one image's random walk."""
+    from wsss.systems.affinity import AffinitySystem, RefinePredictor
+
+    affinity = AffinitySystem(trunk, REFINE["stride"], REFINE["radius"], kind=REFINE["kind"]).to(device).train()
+    crops = torch.randn(PAPER["affinity_batch"], 3, PAPER["affinity_crop"], PAPER["affinity_crop"], device=device)
+    seeds = torch.randint(0, 3, (PAPER["affinity_batch"], PAPER["affinity_crop"], PAPER["affinity_crop"]), device=device)
+    seeds[seeds == 2] = 255  # a third of the pixels between the two thresholds: no seed
+    with warnings.catch_warnings():  # training_step's self.log outside a Trainer
+        warnings.simplefilter("ignore")
+        rates = {"affinity step": training_step_seconds(
+            [p for p in affinity.parameters() if p.requires_grad],
+            lambda: affinity.training_step({"image": crops, "mask": seeds}, 0), args.steps, device, autocast)}
+    predictor = RefinePredictor(affinity.model, REFINE["radius"], REFINE["beta"], REFINE["iterations"], REFINE["kind"]).to(device)
+    image = torch.randn(3, *IMAGE, device=device)
+    cams = torch.rand(CLASSES_PER_IMAGE[1], *IMAGE, device=device)
+
+    def refine_image():
+        with torch.inference_mode(), autocast():
+            predictor.refine(image, cams)
+
+    rates["refine image (1 CAM folder)"] = timed(refine_image, args.steps, device)
+    return rates
+
+
+def pseudo_label_rate(args) -> float:
+    from wsss.pseudo import superpixel_labels
 
     rng = np.random.default_rng(0)
     photo = (rng.random((*IMAGE, 3)) * 255).astype(np.uint8)
     cams = rng.random((2, *IMAGE)).astype(np.float32)
-    rates["pseudo-label image (1 CPU process)"] = timed(lambda: superpixel_labels(photo, cams, [3, 7]), args.steps, torch.device("cpu"))
+    return timed(lambda: superpixel_labels(photo, cams, [3, 7]), args.steps, torch.device("cpu"))
+
+
+def segmenter_rates(args, device: torch.device, autocast) -> dict[str, float]:
+    from wsss.segmentation import image_probabilities
+    from wsss.systems.segmenter import SegmenterSystem
 
     segmenter = SegmenterSystem(weights=args.weights, channels_last=args.channels_last).to(device).train()
     crops = torch.randn(PAPER["segmenter_batch"], 3, PAPER["segmenter_crop"], PAPER["segmenter_crop"], device=device)
     masks = torch.randint(0, 21, (PAPER["segmenter_batch"], PAPER["segmenter_crop"], PAPER["segmenter_crop"]), device=device)
-    optimizer = torch.optim.SGD(segmenter.model.optimizer_param_groups(1e-3, 5e-4), lr=1e-3, momentum=0.9)
-
-    def segmenter_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = segmenter.loss(segmenter(crops), masks)
-        loss.backward()
-        optimizer.step()
-
-    rates["segmenter step"] = timed(segmenter_step, args.steps, device)
-    del optimizer, crops, masks
+    rates = {"segmenter step": training_step_seconds(
+        segmenter.model.optimizer_param_groups(1e-3, 5e-4), lambda: segmenter.loss(segmenter(crops), masks), args.steps, device, autocast)}
     segmenter.eval()
     image = torch.randn(3, *IMAGE, device=device)
 
@@ -123,11 +153,33 @@ def main(argv=None) -> None:
             image_probabilities(segmenter, image).argmax(0)
 
     rates["prediction image"] = timed(predict, args.steps, device)
+    return rates
 
+
+def main(argv=None) -> None:
+    from wsss.trainers import default_precision
+
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.precision == "auto":  # emulated bf16 on a CPU without its instructions is several times slower
+        args.precision = "bf16" if default_precision(device.type) == "bf16-mixed" else "fp32"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {args.precision}; channels_last={args.channels_last}; {args.steps} timed steps each")
-    for stage, seconds in rates.items():
-        print(f"  {stage:36s} {seconds:8.3f} s")
+    rates: dict[str, float] = {}
+
+    def report(measured: dict[str, float]) -> None:  # as each stage ends: a long CPU run shows its progress
+        rates.update(measured)
+        for stage, seconds in measured.items():
+            print(f"  {stage:36s} {seconds:8.3f} s", flush=True)
+
+    measured, trunk = classifier_and_cam_rates(args, device, autocast)
+    report(measured)
+    report(refine_rates(args, device, autocast, trunk))
+    del trunk
+    report({"pseudo-label image (1 CPU process)": pseudo_label_rate(args)})
+    report(segmenter_rates(args, device, autocast))
     classifier_steps = PAPER["classifier_epochs"] * PAPER["train_images"] // PAPER["classifier_batch"]
     projection = {
         f"classifier: {classifier_steps:,} steps (15 epochs, batch 16, crop 448)": classifier_steps * rates["classifier step"],
@@ -141,6 +193,15 @@ def main(argv=None) -> None:
     for stage, seconds in projection.items():
         print(f"  {stage:62s} {seconds / 60:8.1f} min")
     print(f"  {'total':62s} {sum(projection.values()) / 60:8.1f} min  (goal: under 60 min on one H100-class GPU)")
+    refinement = {
+        f"affinity: {PAPER['affinity_steps']:,} steps (batch 8, crop 448, frozen trunk)": PAPER["affinity_steps"] * rates["affinity step"],
+        f"random walk: {PAPER['refine_folders']} CAM folders of {PAPER['train_images']:,} images, {REFINE['iterations']} steps":
+            PAPER["refine_folders"] * PAPER["train_images"] * rates["refine image (1 CAM folder)"],
+    }
+    print("configs/pipeline_refine.yaml adds:")
+    for stage, seconds in refinement.items():
+        print(f"  {stage:62s} {seconds / 60:8.1f} min")
+    print(f"  {'total with the refinement':62s} {(sum(projection.values()) + sum(refinement.values())) / 60:8.1f} min")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,15 @@ def test_the_batched_bound_computes_the_per_image_gradients(bench, workload):
     bound = bench.make_runner("bound", model, workload)(model, images, classes)
     limit = bench.make_runner("limit", model, workload)(model, images, classes)
     assert sorted(bound) == sorted(limit) == sorted((n, c) for n, ids in enumerate(classes) for c in ids)
+    # batched and per-image convolutions sum in different orders (7e-4 of the peak gradient seen on
+    # an AVX-only CPU); a mispaired class changes a gradient by about its peak
+    scale = max(grad.abs().max().item() for grad in limit.values())
     for key, grad in limit.items():
         assert bound[key].shape == grad.shape
-        torch.testing.assert_close(bound[key], grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bound[key], grad, rtol=0, atol=5e-3 * scale)
     # and a wrong pairing of rows and classes is caught: the gradients differ between classes
     first, second = sorted(k for k in limit if k[0] == 0)
-    assert not torch.allclose(limit[first], limit[second], atol=1e-6)
+    assert not torch.allclose(limit[first], limit[second], rtol=0, atol=5e-3 * scale)
 
 
 def test_the_stage_benchmark_runs_both_stages_against_their_models(toy_root, capsys):
@@ -46,3 +50,37 @@ def test_the_stage_benchmark_runs_both_stages_against_their_models(toy_root, cap
     for stage in ("cams", "predict"):
         ratio = float(printed.split(f"{stage} stage / its model's own time: ")[1].split()[0])
         assert ratio > 0
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pipeline_benchmark_times_every_stage_and_projects_both_presets(monkeypatch, capsys):
+    """scripts/bench_pipeline.py end to end on shrunken shapes (its figures come from a GPU): every
+    stage timed, the refinement included, and both projections' totals the sums of their lines."""
+    module = _load_script("bench_pipeline")
+    monkeypatch.setattr(module, "IMAGE", (64, 80))
+    monkeypatch.setitem(module.PAPER, "classifier_batch", 2)
+    monkeypatch.setitem(module.PAPER, "classifier_crop", 64)
+    monkeypatch.setitem(module.PAPER, "affinity_batch", 2)
+    monkeypatch.setitem(module.PAPER, "affinity_crop", 64)
+    monkeypatch.setitem(module.PAPER, "segmenter_batch", 2)
+    monkeypatch.setitem(module.PAPER, "segmenter_crop", 65)
+    module.main(["--device", "cpu", "--steps", "1", "--cam-batch", "2", "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    rates = dict(re.findall(r"^  (\S.*?) +([\d.]+) s$", printed, re.M))
+    assert set(rates) == {"classifier step", "CAM image", "affinity step", "refine image (1 CAM folder)",
+                          "pseudo-label image (1 CPU process)", "segmenter step", "prediction image"}
+    assert all(float(seconds) > 0 for seconds in rates.values())
+    minutes = [(name, float(value)) for name, value in re.findall(r"^  (\S.*?) +([\d.]+) min", printed, re.M)]
+    assert [name for name, _ in minutes].count("total") == 1
+    paper, total = minutes[:5], minutes[5]
+    refinement, with_refinement = minutes[6:8], minutes[8]
+    assert total[0] == "total" and with_refinement[0] == "total with the refinement"
+    assert total[1] == pytest.approx(sum(value for _, value in paper), abs=0.3)
+    assert with_refinement[1] == pytest.approx(total[1] + sum(value for _, value in refinement), abs=0.3)
