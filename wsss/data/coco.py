@@ -42,7 +42,6 @@ def is_coco_layout(root: Path) -> bool:
 class COCOLayout(DatasetLayout):
     """Paths of one COCO 2014 WSSS dataset; raises DataError if ``root`` is not one."""
 
-
     def __init__(self, root: str | Path, mask_dir: str | Path | None = None):
         given = Path(root).expanduser()
         parent = find_image_parent(given) if given.is_dir() else None
