@@ -1,4 +1,5 @@
-"""scripts/bench_cams.py's batched bound does the work of the per-image limit: the same gradients."""
+"""The benchmark scripts: bench_cams' batched bound does the work of the per-image limit (the same
+gradients); bench_stages and bench_pipeline run end to end on small inputs."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,13 +10,17 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_cams.py"
-    spec = importlib.util.spec_from_file_location("bench_cams", path)
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_script("bench_cams")
 
 
 @pytest.mark.parametrize("workload", ["vgg16", "resnet50-224"])
@@ -41,23 +46,12 @@ def test_the_batched_bound_computes_the_per_image_gradients(bench, workload):
 
 def test_the_stage_benchmark_runs_both_stages_against_their_models(toy_root, capsys):
     """scripts/bench_stages.py end to end on two toy photos (its figures come from real photos)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_stages.py"
-    spec = importlib.util.spec_from_file_location("bench_stages", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("bench_stages")
     module.main(["--data-root", str(toy_root), "--images", "2", "--num-workers", "0"])
     printed = capsys.readouterr().out
     for stage in ("cams", "predict"):
         ratio = float(printed.split(f"{stage} stage / its model's own time: ")[1].split()[0])
         assert ratio > 0
-
-
-def _load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_pipeline_benchmark_times_every_stage_and_projects_both_presets(monkeypatch, capsys):
@@ -73,11 +67,11 @@ def test_the_pipeline_benchmark_times_every_stage_and_projects_both_presets(monk
     monkeypatch.setitem(module.PAPER, "segmenter_crop", 65)
     module.main(["--device", "cpu", "--steps", "1", "--cam-batch", "2", "--precision", "fp32"])
     printed = capsys.readouterr().out
-    rates = dict(re.findall(r"^  (\S.*?) +([\d.]+) s$", printed, re.M))
+    rates = dict(re.findall(r"^  (\S.*?) +([\d.]+) s$", printed, re.MULTILINE))
     assert set(rates) == {"classifier step", "CAM image", "affinity step", "refine image (1 CAM folder)",
                           "pseudo-label image (1 CPU process)", "segmenter step", "prediction image"}
     assert all(float(seconds) > 0 for seconds in rates.values())
-    minutes = [(name, float(value)) for name, value in re.findall(r"^  (\S.*?) +([\d.]+) min", printed, re.M)]
+    minutes = [(name, float(value)) for name, value in re.findall(r"^  (\S.*?) +([\d.]+) min", printed, re.MULTILINE)]
     assert [name for name, _ in minutes].count("total") == 1
     paper, total = minutes[:5], minutes[5]
     refinement, with_refinement = minutes[6:8], minutes[8]
