@@ -4,9 +4,9 @@ the paper-scale schedule from those rates.
 Paper scale (configs/pipeline.yaml): VOC 2012 train_aug, 10,582 images; classifier 15 epochs at
 batch 16, crop 448; CAMs of train_aug (LayerCAM stages 3-5 plus Grad-CAM and Grad-CAM++ stage 5,
 one pass) at VOC size 375x500; pseudo-labels (SLIC + eq. 10 on CPU worker processes); DeepLab-
-LargeFOV 16,000 steps at batch 10, crop 321; prediction of val's 1,449 images. The refinement of
-configs/pipeline_refine.yaml is timed too and projected apart (AffinityNet 8,000 steps at batch 8,
-crop 448, frozen trunk; a 256-step random walk of 3 CAM folders of train_aug).
+LargeFOV 16,000 steps at batch 10, crop 321; prediction of val's 1,449 images. The refinement is
+timed too and projected apart with the settings of configs/pipeline_refine.yaml, read from it
+(AffinityNet steps, batch, crop, trunk; the walk's steps, radius, stride; its CAM folders).
 
 Each stage runs the real code on inputs of the real shapes: the ``ClassifierSystem`` and
 ``SegmenterSystem`` training steps (forward, loss, backward, SGD step), ``compute_cam_sets``,
@@ -17,7 +17,7 @@ JPEG decoding (DataLoader workers overlap them with the steps on a GPU machine),
 writes and validation passes (a few minutes in all); the projection says so.
 
 Examples:
-  python scripts/bench_pipeline.py                                  # cuda if present, bf16
+  python scripts/bench_pipeline.py                                  # cuda if present; bf16 where the training stages use it
   python scripts/bench_pipeline.py --device cpu --steps 1 --workers 2
 """
 from __future__ import annotations
@@ -27,15 +27,15 @@ import contextlib
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 PAPER = {"train_images": 10582, "classifier_epochs": 15, "classifier_batch": 16, "classifier_crop": 448,
-         "segmenter_steps": 16000, "segmenter_batch": 10, "segmenter_crop": 321, "val_images": 1449,
-         "affinity_steps": 8000, "affinity_batch": 8, "affinity_crop": 448, "refine_folders": 3}
-REFINE = {"kind": "boundary", "stride": 4, "radius": 5, "beta": 10.0, "iterations": 256}  # configs/pipeline_refine.yaml
+         "segmenter_steps": 16000, "segmenter_batch": 10, "segmenter_crop": 321, "val_images": 1449}
+REFINE_PRESET = Path(__file__).resolve().parents[1] / "configs" / "pipeline_refine.yaml"
 IMAGE = (375, 500)
 CLASSES_PER_IMAGE = (1, 2, 1, 3)  # cycled; VOC train_aug averages ~1.5 classes per image
 
@@ -83,8 +83,8 @@ def training_step_seconds(parameters, loss_of_batch, steps: int, device: torch.d
 
 
 def classifier_and_cam_rates(args, device: torch.device, autocast) -> tuple[dict[str, float], torch.nn.Module]:
-    """The classifier's training step and the CAM pass per image; also the trained-mode model's trunk
-    for the refinement."""
+    """The classifier's training step and the CAM pass per image; also the classifier's trunk, on
+    which the refinement's AffinityNet runs."""
     from wsss.cams import compute_cam_sets
     from wsss.systems.classifier import ClassifierSystem
 
@@ -102,20 +102,28 @@ def classifier_and_cam_rates(args, device: torch.device, autocast) -> tuple[dict
     return rates, model.features
 
 
-def refine_rates(args, device: torch.device, autocast, trunk: torch.nn.Module) -> dict[str, float]:
-    """configs/pipeline_refine.yaml's AffinityNet training step and one image's random walk."""
+def refine_options():
+    """The refine section of configs/pipeline_refine.yaml (:class:`wsss.stages.refine.RefineOptions`)."""
+    from wsss.pipeline.config import load_config
+
+    return load_config(REFINE_PRESET).refine
+
+
+def refine_rates(args, device: torch.device, autocast, trunk: torch.nn.Module, options) -> dict[str, float]:
+    """The AffinityNet training step and one image's random walk with the refine ``options``."""
     from wsss.systems.affinity import AffinitySystem, RefinePredictor
 
-    affinity = AffinitySystem(trunk, REFINE["stride"], REFINE["radius"], kind=REFINE["kind"]).to(device).train()
-    crops = torch.randn(PAPER["affinity_batch"], 3, PAPER["affinity_crop"], PAPER["affinity_crop"], device=device)
-    seeds = torch.randint(0, 3, (PAPER["affinity_batch"], PAPER["affinity_crop"], PAPER["affinity_crop"]), device=device)
+    affinity = AffinitySystem(trunk, options.stride, options.radius, options.embedding, options.frozen_trunk, kind=options.kind)
+    affinity = affinity.to(device).train()
+    crops = torch.randn(options.batch_size, 3, options.crop_size, options.crop_size, device=device)
+    seeds = torch.randint(0, 3, (options.batch_size, options.crop_size, options.crop_size), device=device)
     seeds[seeds == 2] = 255  # a third of the pixels between the two thresholds: no seed
     with warnings.catch_warnings():  # training_step's self.log outside a Trainer
         warnings.simplefilter("ignore")
         rates = {"affinity step": training_step_seconds(
             [p for p in affinity.parameters() if p.requires_grad],
             lambda: affinity.training_step({"image": crops, "mask": seeds}, 0), args.steps, device, autocast)}
-    predictor = RefinePredictor(affinity.model, REFINE["radius"], REFINE["beta"], REFINE["iterations"], REFINE["kind"]).to(device)
+    predictor = RefinePredictor(affinity.model, options.radius, options.beta, options.iterations, options.kind).to(device)
     image = torch.randn(3, *IMAGE, device=device)
     cams = torch.rand(CLASSES_PER_IMAGE[1], *IMAGE, device=device)
 
@@ -164,6 +172,7 @@ def main(argv=None) -> None:
     if args.precision == "auto":  # emulated bf16 on a CPU without its instructions is several times slower
         args.precision = "bf16" if default_precision(device.type) == "bf16-mixed" else "fp32"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    refine = refine_options()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {args.precision}; channels_last={args.channels_last}; {args.steps} timed steps each")
@@ -176,7 +185,7 @@ def main(argv=None) -> None:
 
     measured, trunk = classifier_and_cam_rates(args, device, autocast)
     report(measured)
-    report(refine_rates(args, device, autocast, trunk))
+    report(refine_rates(args, device, autocast, trunk, refine))
     del trunk
     report({"pseudo-label image (1 CPU process)": pseudo_label_rate(args)})
     report(segmenter_rates(args, device, autocast))
@@ -193,12 +202,14 @@ def main(argv=None) -> None:
     for stage, seconds in projection.items():
         print(f"  {stage:62s} {seconds / 60:8.1f} min")
     print(f"  {'total':62s} {sum(projection.values()) / 60:8.1f} min  (goal: under 60 min on one H100-class GPU)")
+    trunk_state = "frozen" if refine.frozen_trunk else "trained"
     refinement = {
-        f"affinity: {PAPER['affinity_steps']:,} steps (batch 8, crop 448, frozen trunk)": PAPER["affinity_steps"] * rates["affinity step"],
-        f"random walk: {PAPER['refine_folders']} CAM folders of {PAPER['train_images']:,} images, {REFINE['iterations']} steps":
-            PAPER["refine_folders"] * PAPER["train_images"] * rates["refine image (1 CAM folder)"],
+        f"affinity: {refine.max_steps:,} steps (batch {refine.batch_size}, crop {refine.crop_size}, {trunk_state} trunk)":
+            refine.max_steps * rates["affinity step"],
+        f"random walk: {len(refine.variants)} CAM folders of {PAPER['train_images']:,} images, {refine.iterations} steps":
+            len(refine.variants) * PAPER["train_images"] * rates["refine image (1 CAM folder)"],
     }
-    print("configs/pipeline_refine.yaml adds:")
+    print(f"{REFINE_PRESET.relative_to(REFINE_PRESET.parents[1])} adds:")
     for stage, seconds in refinement.items():
         print(f"  {stage:62s} {seconds / 60:8.1f} min")
     print(f"  {'total with the refinement':62s} {(sum(projection.values()) + sum(refinement.values())) / 60:8.1f} min")

@@ -2,6 +2,7 @@
 gradients); bench_stages and bench_pipeline run end to end on small inputs."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -61,8 +62,8 @@ def test_the_pipeline_benchmark_times_every_stage_and_projects_both_presets(monk
     monkeypatch.setattr(module, "IMAGE", (64, 80))
     monkeypatch.setitem(module.PAPER, "classifier_batch", 2)
     monkeypatch.setitem(module.PAPER, "classifier_crop", 64)
-    monkeypatch.setitem(module.PAPER, "affinity_batch", 2)
-    monkeypatch.setitem(module.PAPER, "affinity_crop", 64)
+    preset = module.refine_options()
+    monkeypatch.setattr(module, "refine_options", lambda: dataclasses.replace(preset, batch_size=2, crop_size=64))
     monkeypatch.setitem(module.PAPER, "segmenter_batch", 2)
     monkeypatch.setitem(module.PAPER, "segmenter_crop", 65)
     module.main(["--device", "cpu", "--steps", "1", "--cam-batch", "2", "--precision", "fp32"])
