@@ -50,9 +50,14 @@ def test_the_stage_benchmark_runs_both_stages_against_their_models(toy_root, cap
     module = _load_script("bench_stages")
     module.main(["--data-root", str(toy_root), "--images", "2", "--num-workers", "0"])
     printed = capsys.readouterr().out
+    times = {" ".join(line.split()[:2]): float(line.split()[2]) for line in printed.splitlines()
+             if "own time" not in line and line.split()[:2] in (["cams", "stage"], ["cams", "model"], ["predict", "stage"], ["predict", "model"])}
     for stage in ("cams", "predict"):
         ratio = float(printed.split(f"{stage} stage / its model's own time: ")[1].split()[0])
-        assert ratio > 0
+        # the ratio is the stage's time over its bare model's, both timed (not a constant or one of them)
+        stage_s, model_s = times[f"{stage} stage"], times[f"{stage} model"]
+        assert stage_s > 0 and model_s > 0.005
+        assert (stage_s - 0.005) / (model_s + 0.005) - 0.0005 <= ratio <= (stage_s + 0.005) / (model_s - 0.005) + 0.0005  # to the print's rounding
 
 
 def test_the_pipeline_benchmark_times_every_stage_and_projects_both_presets(monkeypatch, capsys):

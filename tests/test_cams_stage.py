@@ -294,6 +294,7 @@ def test_cams_refuses_wrong_checkpoint_and_unknown_layer(toy_root, classifier_ck
     err = capsys.readouterr().err
     assert "conv9" in err and "stage5" in err
     assert _cams(toy_root, classifier_ckpt, tmp_path / "o", "--scaled", "stage1") == 2
+    assert "['stage1'] are not among the CAM layers" in capsys.readouterr().err  # this refusal, not any exit 2
 
 
 def test_image_without_classes_gets_k_zero(toy_root, classifier_ckpt, tmp_path, capsys):

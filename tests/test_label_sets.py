@@ -117,3 +117,18 @@ def test_eval_cams_scores_coco_seeds_from_irn_files_like_an_independent_count(tm
     write_pngs(tmp_path / "gt_voc", [np.zeros((24, 32))])  # a VOC mask beside COCO CAMs: the CAM file is refused
     with pytest.raises(DataError, match=r"'keys' values must be in 0..19"):
         evaluate_cams(cams_dir, tmp_path / "gt_voc", ["img0"], [0.5])
+
+
+def test_a_prediction_holding_the_label_sets_own_ignore_value_counts_as_unlabelled(tmp_path):
+    from wsss.classes import LabelSet
+    from wsss.formats.label_png import write_label_png
+    from wsss.stages.evaluate import pair_confusion
+
+    labels = LabelSet("roads", ("background", "road", "car"), ignore=200)
+    gt = np.array([[0, 1, 2, 200]], np.uint8)
+    pred = np.array([[200, 1, 255, 2]], np.uint8)  # the first pixel left unlabelled with the set's ignore value
+    write_label_png(tmp_path / "gt.png", gt, "gray")
+    write_label_png(tmp_path / "pred.png", pred, "gray")
+    confusion = pair_confusion(tmp_path / "pred.png", tmp_path / "gt.png", labels)
+    # Rows: GT 0..2 (200 left out); columns: predicted 0..2 and "unlabelled".
+    assert confusion.tolist() == [[0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 1]]

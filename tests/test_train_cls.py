@@ -160,3 +160,11 @@ def test_training_runs_channels_last_by_default_with_the_same_outputs_and_gradie
     for (name, a), b in zip(default.named_parameters(), plain.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_best_score_of_zero_is_printed_as_zero():
+    import torch
+
+    from wsss.trainers import score_text
+
+    assert score_text(torch.tensor(0.0)) == "0.0000" and score_text(None) == "none" and score_text(torch.tensor(0.25)) == "0.2500"

@@ -91,6 +91,12 @@ class TrainedCheckpoints:
     last: Path | None
 
 
+
+def score_text(score: Any) -> str:
+    """A checkpoint callback's best score (a tensor, or None before any validation) to 4 places;
+    a best score of 0 is a score, not "none"."""
+    return "none" if score is None else f"{float(score):.4f}"
+
 class TrainingCLI(LightningCLI):
     """LightningCLI with our defaults: best/last checkpoints in the stage's folder (``--checkpoint.*``),
     last.ckpt also every N steps (``--last_checkpoint.every_n_train_steps``), CSV logs under
@@ -154,7 +160,7 @@ class TrainingCLI(LightningCLI):
         if callback is None:
             return TrainedCheckpoints(None, None)
         if self.trainer.is_global_zero:
-            print(f"best checkpoint: {callback.best_model_path or '(none)'}  ({callback.monitor}={float(callback.best_model_score or float('nan')):.4f})")
+            print(f"best checkpoint: {callback.best_model_path or '(none)'}  ({callback.monitor}={score_text(callback.best_model_score)})")
             print(f"last checkpoint: {callback.last_model_path or '(none)'}")
         return TrainedCheckpoints(Path(callback.best_model_path) if callback.best_model_path else None,
                                   Path(callback.last_model_path) if callback.last_model_path else None)

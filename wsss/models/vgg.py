@@ -38,7 +38,9 @@ WEIGHTS_HELP = (
 
 
 def scaled_channels(channels: int, width: float) -> int:
-    """Channel count of a layer in a network narrowed by ``width`` (at least 1)."""
+    """Channel count of a layer in a network narrowed by ``width`` > 0 (at least 1)."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
     return max(1, int(round(channels * width)))
 
 

@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 def pair_confusion(pred_path: Path, gt_path: Path, labels: LabelSet = LABEL_SETS["voc"]) -> np.ndarray:
     """(L, L + 1) confusion of one prediction PNG vs its GT mask (L = ``labels.num_labels``, 21 for
     VOC): columns 0..L-1 the predicted labels, column L the pixels the prediction leaves unlabelled
-    (255); GT ``labels.ignore`` left out."""
+    (255 or ``labels.ignore``); GT ``labels.ignore`` left out."""
     pred = read_label_png(pred_path, labels=labels)
     gt = read_label_png(gt_path, labels=labels)
     if pred.shape != gt.shape:
         raise DataError(f"{pred_path}: prediction is {pred.shape[0]}x{pred.shape[1]} but GT {gt_path} is {gt.shape[0]}x{gt.shape[1]}")
     unlabelled = labels.num_labels
-    pred = np.where(pred == IGNORE_INDEX, np.uint8(unlabelled), pred)
+    # 255, and the label set's own ignore value where it is another, both mean "left unlabelled".
+    pred = np.where((pred == IGNORE_INDEX) | (pred == labels.ignore), np.uint8(unlabelled), pred)
     return confusion_matrix(pred, gt, unlabelled + 1, labels.ignore)[:unlabelled]
 
 

@@ -130,8 +130,10 @@ class ClassifierSystem(pl.LightningModule):
         groups = [group for group in groups if group["params"]]  # frozen_stages=5 leaves no trunk group
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
+        elif hp.optimizer == "adam":
             optimizer = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"optimizer {hp.optimizer!r} unknown; choose from sgd, adam")
         total = int(self.trainer.estimated_stepping_batches)
         return per_step_schedule(optimizer, schedule_factor(hp.lr_schedule, total, hp.poly_power))
 

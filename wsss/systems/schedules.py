@@ -12,6 +12,9 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
     return max(0.0, 1.0 - step / max(1, total_steps)) ** power
 
 
+SCHEDULES = ("poly", "step", "constant")
+
+
 def schedule_factor(schedule: str, total_steps: int, power: float = 0.9) -> Callable[[int], float]:
     """Factor of the base learning rate at each step: ``poly``, ``step`` (x0.1 from 2/3 of training)
     or ``constant``."""
@@ -19,7 +22,9 @@ def schedule_factor(schedule: str, total_steps: int, power: float = 0.9) -> Call
         return lambda step: poly_factor(step, total_steps, power)
     if schedule == "step":
         return lambda step: 0.1 if step >= 2 * total_steps // 3 else 1.0
-    return lambda step: 1.0
+    if schedule == "constant":
+        return lambda step: 1.0
+    raise ValueError(f"schedule {schedule!r} unknown; choose from {', '.join(SCHEDULES)}")
 
 
 def held_until(factor: Callable[[int], float], hold_steps: int) -> Callable[[int], float]:
