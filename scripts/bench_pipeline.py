@@ -113,7 +113,8 @@ def refine_rates(args, device: torch.device, autocast, trunk: torch.nn.Module, o
     """The AffinityNet training step and one image's random walk with the refine ``options``."""
     from wsss.systems.affinity import AffinitySystem, RefinePredictor
 
-    affinity = AffinitySystem(trunk, options.stride, options.radius, options.embedding, options.frozen_trunk, kind=options.kind)
+    affinity = AffinitySystem(trunk, options.stride, options.train_radius, options.embedding, options.frozen_trunk, options.lr,
+                              options.weight_decay, options.momentum, options.kind)
     affinity = affinity.to(device).train()
     crops = torch.randn(options.batch_size, 3, options.crop_size, options.crop_size, device=device)
     seeds = torch.randint(0, 3, (options.batch_size, options.crop_size, options.crop_size), device=device)
@@ -123,13 +124,14 @@ def refine_rates(args, device: torch.device, autocast, trunk: torch.nn.Module, o
         rates = {"affinity step": training_step_seconds(
             [p for p in affinity.parameters() if p.requires_grad],
             lambda: affinity.training_step({"image": crops, "mask": seeds}, 0), args.steps, device, autocast)}
-    predictor = RefinePredictor(affinity.model, options.radius, options.beta, options.iterations, options.kind).to(device)
+    predictor = RefinePredictor(affinity.model, options.kind, options.radius, options.beta, options.iterations, options.normalisation,
+                                options.flip, options.label_threshold, options.bg_power, options.edge_product).to(device)
     image = torch.randn(3, *IMAGE, device=device)
     cams = torch.rand(CLASSES_PER_IMAGE[1], *IMAGE, device=device)
 
     def refine_image():
         with torch.inference_mode(), autocast():
-            predictor.refine(image, cams)
+            predictor.refine(image, cams, np.arange(1, len(cams) + 1))
 
     rates["refine image (1 CAM folder)"] = timed(refine_image, args.steps, device)
     return rates

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.affinity import (affinity_labels, affinity_loss, neighbour_offsets, pair_affinities, random_walk, random_walk_bytes,
-                           to_grid, to_image)
+from wsss.affinity import (affinity_labels, affinity_loss, boundary_affinities, boundary_walk, neighbour_offsets, normalise_walked,
+                           pair_affinities, path_points, random_walk, random_walk_bytes, to_grid, to_image)
 
 
 def test_offsets_are_each_unordered_pair_within_the_radius_once():
@@ -55,8 +55,8 @@ def test_affinity_labels_count_the_pairs_a_hand_count_gives():
     assert sum(counts) == 42 - 8
     assert counts == brute_force_pair_counts(seeds, 2) == (11, 16, 7)
     rng = np.random.default_rng(0)
-    for radius in (2, 3, 5):
-        seeds = rng.choice([0, 1, 7, 255], size=(7, 9))
+    for radius in (2, 3, 5, 10):  # 10: IRN's training radius
+        seeds = rng.choice([0, 1, 7, 255], size=(12, 13))
         counts = tuple(int(m.sum()) for m in affinity_labels(torch.from_numpy(seeds), neighbour_offsets(radius)))
         assert counts == brute_force_pair_counts(seeds, radius), radius
 
@@ -126,7 +126,13 @@ def test_random_walk_in_two_regions_equals_the_dense_matrix_power_and_stays_in_i
 def test_grid_helpers_and_memory_estimate():
     maps = torch.arange(16.0).reshape(1, 4, 4)
     np.testing.assert_allclose(to_grid(maps, (2, 2))[0].numpy(), [[2.5, 4.5], [10.5, 12.5]])
-    assert to_image(torch.ones(2, 3, 3), (7, 9)).shape == (2, 7, 9) and to_grid(torch.zeros(0, 5, 5), (2, 2)).shape == (0, 2, 2)
+    assert to_image(torch.ones(2, 3, 3), (7, 9), 4).shape == (2, 7, 9) and to_grid(torch.zeros(0, 5, 5), (2, 2)).shape == (0, 2, 2)
+    # IRN's and PSA's upsampling: by the stride, then cropped, so cell (i, j) covers pixels [4i, 4i + 4).
+    grid = torch.tensor([[[0.0, 1.0, 5.0], [2.0, 3.0, 7.0]]])
+    up = to_image(grid, (7, 9), 4)
+    np.testing.assert_allclose(up.numpy(), torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="bilinear")[0, :, :7, :9].numpy())
+    with pytest.raises(ValueError, match="does not cover"):
+        to_image(grid, (9, 9), 4)
     assert random_walk_bytes((10, 10), 34, 2, 448) == 4 * 100 * (448 + 3 * 34 + 1 + 6 + 2)
 
 
@@ -153,7 +159,7 @@ def test_affinity_net_learns_to_separate_two_textures(kind):
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    system = AffinitySystem(vgg16_features(width=0.125), stride=8, radius=3, embedding=32, lr=0.05, kind=kind)
+    system = AffinitySystem(vgg16_features(width=0.125), stride=4 if kind == "boundary" else 8, radius=3, embedding=32, lr=0.05, kind=kind)
     optimizer = torch.optim.SGD([p for p in system.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
 
     def gap(images, seeds) -> float:
@@ -176,12 +182,101 @@ def test_affinity_net_learns_to_separate_two_textures(kind):
     assert all(not p.requires_grad for p in system.model.trunk.parameters())  # the trunk stayed frozen
 
 
-def test_paths_and_boundary_affinities_by_hand():
-    from wsss.affinity import boundary_affinities, path_points
+def test_irn_paths_by_hand():
+    # IRN's rule: the cells of the box between the ends whose centre is less than one cell from the segment.
+    assert sorted(path_points((0, 4))) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4)]
+    assert sorted(path_points((1, 1))) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # a diagonal step holds both cells beside it
+    assert sorted(path_points((1, -4))) == [(0, -4), (0, -3), (0, -2), (0, -1), (0, 0), (1, -4), (1, -3), (1, -2), (1, -1), (1, 0)]
+    # (3, 4): |3x - 4y| < 5 in the box [0, 3] x [0, 4], row by row: x in {0, 1}, {0, 1, 2}, {2, 3, 4}, {3, 4}.
+    assert sorted(path_points((3, 4))) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 2), (2, 3), (2, 4), (3, 3), (3, 4)]
+    # The issue's count: 26 of the 34 radius-5 paths differ from one cell per step of the longer axis, each a superset of it.
+    offsets = neighbour_offsets(5)
+    one_per_step = {o: {(round(k * o[0] / max(map(abs, o))), round(k * o[1] / max(map(abs, o)))) for k in range(max(map(abs, o)) + 1)}
+                    for o in offsets}
+    assert all(one_per_step[o] <= set(path_points(o)) for o in offsets)
+    assert sum(one_per_step[o] != set(path_points(o)) for o in offsets) == 26
 
-    assert path_points((0, 3)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert path_points((2, 1)) == [(0, 0), (1, 0), (2, 1)]  # one cell per step of the longer axis, rounded half to even
-    assert path_points((1, -4)) == [(0, 0), (0, -1), (0, -2), (1, -3), (1, -4)]
+
+def test_a_one_cell_diagonal_boundary_cuts_every_pair_across_it():
+    size = 14
+    ys, xs = np.mgrid[:size, :size]
+    boundary = torch.from_numpy((ys == xs).astype(np.float32))  # a diagonal line of 1s, its cells touching only at corners
+    offsets = neighbour_offsets(5)
+    a = boundary_affinities(boundary, offsets).numpy()
+    side = np.sign(ys - xs)  # -1 above the line, 0 on it, 1 below
+    across = same = 0
+    for o, (dy, dx) in enumerate(offsets):
+        for y, x in itertools.product(range(size), range(size)):
+            if 0 <= y + dy < size and 0 <= x + dx < size and side[y, x] * side[y + dy, x + dx] == -1:
+                across += 1
+                assert a[o, y, x] == 0, ((y, x), (dy, dx))
+            elif 0 <= y + dy < size and 0 <= x + dx < size and side[y, x] == side[y + dy, x + dx] != 0:
+                same += a[o, y, x] == 1
+    assert across > 600 and same > 600  # many pairs cross it, and pairs on one side stay connected
+
+
+def irn_dense_propagation(maps: np.ndarray, boundary: np.ndarray, radius: int, beta: float, squarings: int) -> np.ndarray:
+    """IRN's propagate_to_edge written densely from its definition: affinities 1 - max boundary over
+    the path cells (cells of the box within one cell of the segment), A = a^beta symmetric with a
+    unit diagonal, T = A / column sums squared ``squarings`` times, maps * (1 - boundary) times it."""
+    h, w = boundary.shape
+    n = h * w
+    a = np.eye(n)
+    for dy in range(radius):
+        for dx in range(-radius + 1, radius):
+            if not (dy * dy + dx * dx < radius * radius and (dy > 0 or dx > 0)):
+                continue
+            cells = [(py, px) for py in range(min(0, dy), max(0, dy) + 1) for px in range(min(0, dx), max(0, dx) + 1)
+                     if (dy * px - dx * py) ** 2 / (dy * dy + dx * dx) < 1]
+            for y, x in itertools.product(range(h), range(w)):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    i, j = y * w + x, (y + dy) * w + x + dx
+                    a[i, j] = a[j, i] = (1 - max(boundary[y + py, x + px] for py, px in cells)) ** beta
+    t = a / a.sum(axis=0, keepdims=True)
+    for _ in range(squarings):
+        t = t @ t
+    return ((maps * (1 - boundary)).reshape(len(maps), -1) @ t).reshape(maps.shape)
+
+
+@pytest.mark.parametrize("radius, beta, squarings", [(3, 10.0, 4), (5, 10.0, 8)])
+def test_boundary_walk_equals_irns_propagation_as_a_dense_matrix_power(radius, beta, squarings):
+    rng = np.random.default_rng(radius)
+    boundary = rng.random((6, 7)) ** 3  # mostly low, a few strong cells
+    maps = rng.random((2, 6, 7))
+    walked = boundary_walk(torch.from_numpy(maps), torch.from_numpy(boundary), radius=radius, beta=beta, steps=2 ** squarings)
+    np.testing.assert_allclose(walked.numpy(), irn_dense_propagation(maps, boundary, radius, beta, squarings), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="boundary map"):
+        boundary_walk(torch.zeros(1, 3, 3), torch.zeros(3, 4))
+
+
+def test_boundary_walk_zeroes_the_maps_on_the_boundary_and_keeps_two_regions_apart():
+    boundary = torch.zeros(6, 7)
+    boundary[:, 3] = 1.0  # a wall down the middle
+    on_wall = torch.zeros(1, 6, 7)
+    on_wall[0, :, 3] = 5.0  # a map that lives only on the wall: (1 - boundary) removes all of it
+    assert boundary_walk(on_wall, boundary, radius=3, beta=10.0, steps=8).abs().max() == 0
+    kept = boundary_walk(on_wall, boundary, radius=3, beta=10.0, steps=8, edge_product=False)  # the option off: walked as it is
+    assert kept[0, :, 3].min() > 0 and kept[0, :, :3].max() == 0  # a wall cell has affinity 0 to every neighbour: it stays
+    left = torch.zeros(1, 6, 7)
+    left[0, 2, 0] = 1.0
+    walked = boundary_walk(left, boundary, radius=3, beta=10.0, steps=64)[0]
+    assert walked[:, 4:].max() == 0 and walked[:, :3].min() > 0  # affinity 0 across the wall: nothing leaks
+
+
+def test_global_and_per_class_normalisation_on_a_two_class_case():
+    walked = torch.tensor([[[2.0, 1.0]], [[0.5, 0.25]]])
+    np.testing.assert_allclose(normalise_walked(walked, "global").numpy(), [[[1.0, 0.5]], [[0.25, 0.125]]])
+    np.testing.assert_allclose(normalise_walked(walked, "per_class").numpy(), [[[1.0, 0.5]], [[1.0, 0.5]]])
+    from wsss.pseudo import cam_seed_labels  # IRN's label rule at 0.25: the drained class loses its pixels only globally
+
+    assert cam_seed_labels(normalise_walked(walked, "global").numpy(), [3, 7], 0.25).tolist() == [[3, 3]]
+    assert cam_seed_labels(np.array([[[0.1, 0.5]], [[0.2, 0.125]]]), [3, 7], 0.25).tolist() == [[0, 3]]
+    assert normalise_walked(torch.zeros(2, 1, 2), "global").eq(0).all()
+    with pytest.raises(ValueError):
+        normalise_walked(walked, "max")
+
+
+def test_paths_and_boundary_affinities_by_hand():
     # A row with a boundary of 0.9 at x = 2: pairs that cross or touch it get 1 - 0.9.
     edges = torch.tensor([[0.0, 0.1, 0.9, 0.0, 0.2]])
     a = boundary_affinities(edges, [(0, 1), (0, 2)])
@@ -199,3 +294,47 @@ def test_paths_and_boundary_affinities_by_hand():
             else:
                 expected = 0.0
             assert a[o, y, x] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_names_are_refused_not_replaced_by_a_default():
+    from wsss.models.vgg import vgg16_features
+    from wsss.systems.affinity import affinity_model
+    from wsss.systems.classifier import ClassifierSystem
+    from wsss.systems.schedules import schedule_factor
+
+    with pytest.raises(ValueError, match="'boundry' unknown"):
+        affinity_model(vgg16_features(width=0.125), "boundry", 4, 8, True)
+    from wsss.affinity import affinities_of
+
+    with pytest.raises(ValueError, match="unknown"):
+        affinities_of(torch.zeros(1, 2, 3, 3), neighbour_offsets(2), "boundry")
+    with pytest.raises(ValueError, match="'cosine' unknown"):
+        schedule_factor("cosine", 10)
+    assert schedule_factor("constant", 10)(5) == 1.0
+    with pytest.raises(ValueError, match="width must be > 0"):
+        vgg16_features(width=0)
+    system = ClassifierSystem(weights="none", width=0.125, optimizer="adamw")
+    system.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    with pytest.raises(ValueError, match="'adamw' unknown"):
+        system.configure_optimizers()
+
+
+def test_the_references_training_settings_by_kind():
+    from wsss.models.vgg import vgg16_features
+    from wsss.stages.refine import RefineOptions
+    from wsss.systems.affinity import AffinitySystem
+
+    irn, psa = RefineOptions(), RefineOptions(kind="embedding")
+    assert (irn.kind, irn.stride, irn.train_radius, irn.radius, irn.beta, irn.iterations) == ("boundary", 4, 10, 5, 10.0, 256)
+    assert (irn.momentum, irn.weight_decay, irn.scale_range, irn.seeds, irn.normalisation) == (1e-4, 1e-4, (0.5, 1.5), "crf", "global")
+    assert (psa.stride, psa.train_radius, psa.beta, psa.momentum, psa.weight_decay) == (8, 5, 8.0, 5e-4, 5e-4)
+    assert RefineOptions(beta=6.0).beta == 6.0  # a value given wins over the kind's
+    system = AffinitySystem(vgg16_features(width=0.125), **{k: getattr(irn, k) for k in ("stride", "embedding", "frozen_trunk", "lr",
+                                                                                        "weight_decay", "momentum", "kind")},
+                            radius=irn.train_radius)
+    assert len(system.offsets) == 152  # IRN's training radius 10: half the 304 cells of the disk
+    system.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    optimizer = system.configure_optimizers()["optimizer"]
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.1, 1e-4, 1e-4)]  # not momentum 0.9
+    with pytest.raises(Exception, match="must be 4 for the boundary kind"):
+        RefineOptions(stride=8)

@@ -84,7 +84,7 @@ def test_run_writes_every_stage_and_results(finished_run, toy_root):
     assert sorted(p.stem for p in (out / "predictions/train").glob("*.png")) == sorted(train)
     for stage in STAGES:
         if stage == "refine":  # opt-in: off in this configuration, so nothing is written for it
-            assert not (out / "manifests" / "refine.json").exists() and not (out / "refine").exists()
+            assert not (out / "manifests" / "refine.json").exists() and not (out / "refined").exists()
             continue
         manifest = json.loads((out / "manifests" / f"{stage}.json").read_text())
         assert manifest["finished"] is True and manifest["hash"]
@@ -503,3 +503,45 @@ def test_voc_mini_configs_reach_every_stage_on_a_voc_layout_with_irns_label_tabl
     assert classifier["frozen_stages"] == 4
     with np.load(out / "cams" / "layercam" / f"{image_id}.npz") as cams:  # labels came from the root's table
         assert cams["classes"].tolist() == [20]
+
+
+def test_an_eval_split_outside_the_cam_split_is_refused_before_any_step(toy_root, tmp_path, capsys):
+    config = tiny_config(tmp_path / "pipeline.yaml", toy_root, tmp_path / "out", eval_split="val")
+    assert cli_main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "eval_split 'val' has 8 ids that cam_split 'train' has not" in err
+    assert not (tmp_path / "out" / "classifier").exists()  # before the classifier, not after the CAMs
+
+
+def test_the_classifier_hash_follows_its_own_image_label_source(toy_root, tmp_path):
+    from wsss.pipeline.config import load_config
+    from wsss.pipeline.manifest import digest
+    from wsss.pipeline.steps import STEP_BY_NAME, Run, hashed_payload
+
+    hashes = {}
+    for source in ("auto", "annotations", "masks"):
+        config = load_config(tiny_config(tmp_path / f"{source}.yaml", toy_root, tmp_path / "out", classifier={
+            "config": str(CONFIGS / "classifier.yaml"), "model": {"width": 0.125}, "trainer": {"max_epochs": 1},
+            "data": {"crop_size": 64, "batch_size": 8, "num_workers": 0, "labels": source}}))
+        run = Run(config, tmp_path / "out", toy_root, quiet=True)
+        hashes[source] = digest(hashed_payload(STEP_BY_NAME["classifier"], run, {}))
+    # The toy has Annotations/: auto is annotations (the same hash as before this option was hashed); masks trains on other labels.
+    assert hashes["auto"] == hashes["annotations"] != hashes["masks"]
+
+
+def test_the_predict_step_says_when_it_predicts_with_the_last_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
+    import wsss.stages.predict
+    from wsss.pipeline.config import load_config
+    from wsss.pipeline.steps import Run, predict_step
+
+    used = []
+    monkeypatch.setattr(wsss.stages.predict, "predict_segmentation", lambda checkpoint, *args, **kwargs: used.append(Path(checkpoint).name))
+    run = Run(load_config(tiny_config(tmp_path / "p.yaml", toy_root, tmp_path / "out")), tmp_path / "out", toy_root)
+    (tmp_path / "out" / "segmenter").mkdir(parents=True)
+    (tmp_path / "out" / "segmenter" / "last.ckpt").write_bytes(b"")
+    predict_step(run)
+    assert set(used) == {"last.ckpt"} and "no best.ckpt" in capsys.readouterr().out  # not silently
+    (tmp_path / "out" / "segmenter" / "best.ckpt").write_bytes(b"")
+    used.clear()
+    predict_step(run)
+    assert set(used) == {"best.ckpt"}

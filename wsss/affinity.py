@@ -11,9 +11,11 @@ pair ((y, x), (y + dy_o, x + dx_o)); pairs leaving the grid are zero (and never 
   that are background-background, same-class foreground, or of different labels; pairs with an
   unknown end are not labelled.
 - :func:`pair_affinities`: a = exp(-mean_c |f_i - f_j|) of a feature map (PSA's AffinityNet).
-- :func:`boundary_affinities`: a = 1 - max of a boundary map along the straight path from i to j
-  (IRN's inter-pixel relation): no boundary between two cells, however different they look,
-  means high affinity.
+- :func:`boundary_affinities`: a = 1 - max of a boundary map over IRN's path from i to j (the
+  cells within one cell of the segment, :func:`path_points`): no boundary between two cells,
+  however different they look, means high affinity.
+- :func:`boundary_walk`: IRN's ``propagate_to_edge``, the maps times (1 - boundary) walked along
+  those affinities; :func:`normalise_walked` divides the result by one global maximum (IRN).
 - :func:`affinity_loss`: PSA's balanced cross-entropy, bg/4 + fg/4 + neg/2 of the three classes'
   mean losses.
 - :func:`random_walk`: ``iterations`` steps of x <- x T with T = A / (column sums of A), where A is
@@ -79,21 +81,42 @@ def pair_affinities(features: Tensor, offsets: list[tuple[int, int]]) -> Tensor:
 
 
 def path_points(offset: tuple[int, int]) -> list[tuple[int, int]]:
-    """The cells on the straight path from (0, 0) to ``offset``, both ends included: one per step
-    of the longer axis, rounded (``(0, 0), (1, 0), (1, 1), (2, 1)`` for (2, 1)... see the tests)."""
+    """IRN's path from (0, 0) to ``offset`` (``PathIndex.get_all_dir_paths``): every cell of the
+    box spanned by the two ends whose centre lies less than one cell from the segment between
+    them, both ends included. A diagonal step's path holds the cells beside it too, so a walk
+    cannot slip between two diagonally adjacent boundary cells."""
     dy, dx = offset
-    steps = max(abs(dy), abs(dx))
-    return list(dict.fromkeys((round(k * dy / steps), round(k * dx / steps)) for k in range(steps + 1)))
+    length_sq = dy * dy + dx * dx
+    return [(y, x) for y in range(min(0, dy), max(0, dy) + 1) for x in range(min(0, dx), max(0, dx) + 1)
+            if (dy * x - dx * y) ** 2 < length_sq]
 
 
 def boundary_affinities(boundaries: Tensor, offsets: list[tuple[int, int]]) -> Tensor:
     """(..., P, h, w) affinities 1 - max(boundary on the path from i to j) of a boundary map
-    (..., h, w) in [0, 1]; pairs that leave the grid get 0."""
+    (..., h, w) in [0, 1]; pairs that leave the grid get 0 (IRN pads the map with boundary 1)."""
+    shifted: dict[tuple[int, int], Tensor] = {}  # paths share cells: each shift is made once
     values = []
     for offset in offsets:
-        on_path = torch.stack([_shifted(boundaries, py, px, fill=1.0) for py, px in path_points(offset)])
-        values.append(1 - on_path.amax(dim=0))
+        cells = path_points(offset)
+        for cell in cells:
+            if cell not in shifted:
+                shifted[cell] = _shifted(boundaries, *cell, fill=1.0)
+        values.append(1 - torch.stack([shifted[cell] for cell in cells]).amax(dim=0))
     return torch.stack(values, dim=-3) * inside(offsets, tuple(boundaries.shape[-2:]), boundaries.device)
+
+
+def boundary_walk(maps: Tensor, boundary: Tensor, *, radius: int = 5, beta: float = 10.0, steps: int = 256,
+                  edge_product: bool = True) -> Tensor:
+    """IRN's ``propagate_to_edge``: maps (K, h, w) times (1 - boundary), then ``steps`` steps of the
+    random walk along the boundary affinities (:func:`boundary_affinities`) of the pairs within
+    ``radius`` raised to ``beta``. ``boundary`` (h, w) in [0, 1] on the same grid. IRN squares its
+    transition matrix 8 times: 2^8 = 256 steps, here applied one sparse step at a time.
+    ``edge_product=False`` walks the maps as they are (a deviation from IRN, measured in the README)."""
+    if maps.shape[-2:] != boundary.shape[-2:]:
+        raise ValueError(f"maps are {tuple(maps.shape[-2:])} but the boundary map is {tuple(boundary.shape[-2:])}")
+    offsets = neighbour_offsets(radius)
+    start = maps * (1 - boundary) if edge_product else maps
+    return random_walk(start, boundary_affinities(boundary, offsets), offsets, beta, steps)
 
 
 def affinities_of(output: Tensor, offsets: list[tuple[int, int]], kind: str) -> Tensor:
@@ -101,7 +124,9 @@ def affinities_of(output: Tensor, offsets: list[tuple[int, int]], kind: str) -> 
     C channels' L1 distances) or ``boundary`` (IRN: channel 0 is a boundary logit)."""
     if kind == "boundary":
         return boundary_affinities(torch.sigmoid(output[:, 0].float()), offsets)
-    return pair_affinities(output.float(), offsets)
+    if kind == "embedding":
+        return pair_affinities(output.float(), offsets)
+    raise ValueError(f"affinity kind {kind!r} unknown; choose from boundary, embedding")
 
 
 def affinity_loss(affinities: Tensor, labels: tuple[Tensor, Tensor, Tensor], eps: float = 1e-5) -> dict[str, Tensor]:
@@ -151,8 +176,27 @@ def to_grid(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(maps.unsqueeze(0), size)[0]
 
 
-def to_image(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(K, h, w) grid maps bilinearly upsampled to the image's (K, H, W)."""
+def to_image(maps: Tensor, size: tuple[int, int], stride: int) -> Tensor:
+    """(K, h, w) grid maps upsampled by ``stride`` (bilinear) and cropped to the image's (K, H, W),
+    as IRN's and PSA's inference do: cell (i, j) covers pixels [stride*i, stride*(i+1))."""
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *size))
-    return F.interpolate(maps.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+    up = F.interpolate(maps.unsqueeze(0), scale_factor=stride, mode="bilinear", align_corners=False)[0]
+    if up.shape[-2] < size[0] or up.shape[-1] < size[1]:
+        raise ValueError(f"a {tuple(maps.shape[-2:])} grid at stride {stride} does not cover a {size} image")
+    return up[:, :size[0], :size[1]]
+
+
+NORMALISATIONS = ("global", "per_class")
+
+
+def normalise_walked(maps: Tensor, mode: str = "global") -> Tensor:
+    """Walked maps (K, H, W) scaled into [0, 1]: ``global`` divides every class by the one maximum
+    over all of them (IRN's ``make_sem_seg_labels``), so a class the walk drained stays low;
+    ``per_class`` divides each class by its own maximum. An all-zero map stays zero."""
+    if mode not in NORMALISATIONS:
+        raise ValueError(f"normalisation {mode!r} unknown; choose from {', '.join(NORMALISATIONS)}")
+    if maps.shape[0] == 0:
+        return maps
+    peak = maps.amax() if mode == "global" else maps.flatten(1).amax(dim=1)[:, None, None]
+    return torch.where(peak > 0, maps / peak.clamp(min=1e-12), torch.zeros_like(maps)).clamp(0, 1)

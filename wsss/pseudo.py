@@ -234,13 +234,8 @@ def cam_seed_labels(
     return seed_labels_from_best(best_score, best_label, bg_threshold)
 
 
-# Dense-CRF parameters for CAM scores, as PSA and IRN refine theirs: a wider, more colour-tolerant
-# appearance kernel than DeepLab's (the scores are coarse blobs, not a segmenter's sharp output).
-CAM_CRF_PARAMS: dict[str, float] = {"bi_w": 10.0, "bi_xy": 80.0, "bi_rgb": 13.0, "pos_w": 3.0, "pos_xy": 3.0, "iterations": 10}
-
-
 def crf_scores(image: np.ndarray, cams: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
-               params: dict[str, float] = CAM_CRF_PARAMS) -> np.ndarray:
+               params: dict[str, float] | None = None) -> np.ndarray:
     """Refine CAM scores with a dense CRF on the image: (K+1, H, W) marginals, background first.
 
     The unary probabilities are the scores [``threshold`` everywhere, ``cams[0]``, ...], clipped
@@ -248,7 +243,7 @@ def crf_scores(image: np.ndarray, cams: np.ndarray, threshold: float = DEFAULT_T
     (background unless a class scores above ``threshold``). Feed ``[1:]`` and ``background=[0]`` to
     :func:`superpixel_labels`. Needs ``pydensecrf`` (the ``crf`` extra).
     """
-    from wsss.crf import dense_crf
+    from wsss.crf import CAM_CRF_PARAMS, dense_crf
 
     _check_image(image)
     _check_cams(cams, np.arange(1, len(cams) + 1))
@@ -256,4 +251,4 @@ def crf_scores(image: np.ndarray, cams: np.ndarray, threshold: float = DEFAULT_T
         raise ValueError(f"cams have spatial shape {cams.shape[1:]}, image has {image.shape[:2]}")
     scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams.astype(np.float32)])
     probs = np.maximum(scores, 1e-5)
-    return dense_crf(image, probs / probs.sum(axis=0, keepdims=True), params)
+    return dense_crf(image, probs / probs.sum(axis=0, keepdims=True), params or CAM_CRF_PARAMS)

@@ -107,6 +107,7 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, force: b
     run = Run(config, out, resolve_data_root(config.data_root).resolve())
     steps.check_training_configs(run)
     steps.check_extras(run)
+    steps.check_splits(run)
     forced = set(STAGES) if force else set(STAGES[STAGES.index(start_from):]) if start_from else set()
     total = time.perf_counter()
     hashes: dict[str, str] = {}

@@ -17,7 +17,7 @@ from typing import Any
 from wsss.classes import LABEL_SETS, NUM_CLASSES
 from wsss.data import open_layout
 from wsss.data.voc import DatasetLayout
-from wsss.errors import ConfigError, DataError
+from wsss.errors import ConfigError, DataError, name_some
 from wsss.options import OptionError, narrowed, read_yaml, result_params
 from wsss.pipeline.config import PipelineConfig, TrainingSection
 from wsss.pipeline.manifest import read_manifest
@@ -166,9 +166,21 @@ def check_extras(run: Run) -> None:
     """ConfigError now, not hours in, when a step's option needs an optional package that is missing."""
     from wsss.crf import CRF_INSTALL_HINT, crf_available
 
-    wanted = [name for name, on in (("pseudo.crf", run.config.pseudo.crf), ("predict.crf", run.config.predict.crf)) if on]
+    refine = run.config.refine
+    wanted = [name for name, on in (("pseudo.crf", run.config.pseudo.crf), ("predict.crf", run.config.predict.crf),
+                                    ("refine.seeds: crf", refine.enabled and refine.seeds == "crf")) if on]
     if wanted and not crf_available():
         raise ConfigError(f"{' and '.join(wanted)}: {CRF_INSTALL_HINT}")
+
+
+def check_splits(run: Run) -> None:
+    """ConfigError before any step when ``eval_split`` holds ids that ``cam_split`` has not: the
+    seed and pseudo-label scores read CAMs made only for ``cam_split``."""
+    cam_ids = set(run.ids(run.config.cam_split))
+    outside = [i for i in run.ids(run.config.eval_split) if i not in cam_ids]
+    if outside:
+        raise ConfigError(f"eval_split {run.config.eval_split!r} has {len(outside)} ids that cam_split {run.config.cam_split!r} has not "
+                          f"({name_some(outside)}): the CAMs are made for cam_split only; choose an eval_split inside it")
 
 
 def check_training_configs(run: Run) -> None:
@@ -336,8 +348,10 @@ def train_segmenter_step(run: Run) -> dict[str, Any]:
 def predict_step(run: Run) -> dict[str, Any]:
     from wsss.stages.predict import PredictOptions, predict_segmentation
 
-    best = run.out / "segmenter" / "best.ckpt"
-    checkpoint = best if best.is_file() else run.out / "segmenter" / "last.ckpt"
+    checkpoint = run.out / "segmenter" / "best.ckpt"
+    if not checkpoint.is_file():  # a segmenter config without validation writes none: say which one predicts
+        checkpoint = run.out / "segmenter" / "last.ckpt"
+        run.say(f"  predict: no best.ckpt (no validation ran in the segmenter's training): predicting with {checkpoint}")
     counts = {}
     for split in run.prediction_splits():
         predict_segmentation(checkpoint, run.data_root, run.out / "predictions" / split, narrowed(run.config.predict, PredictOptions),
@@ -409,7 +423,15 @@ def training_options(run: Run, name: str) -> dict[str, Any]:
     if "weights" in model:
         model["weights"] = _weights_identity(run, model["weights"])
     data.pop("root", None)
-    data.pop("labels", None)  # in the data identity
+    image_labels = data.pop("labels", None)
+    if name == "classifier":
+        # The data identity holds the CAM step's image labels (cams.labels); the classifier's own
+        # source is hashed too where it names other labels (annotations vs masks, another table).
+        from wsss.data.voc import ImageLabels
+
+        own = ImageLabels(run.layout, image_labels or "auto").identity()
+        if own != ImageLabels(run.layout, run.config.cams.labels).identity():
+            resolved["image_labels"] = own
     if name == "segmenter":
         data.pop("train_labels", None)  # this run's pseudo-labels: the pseudo-labels step's hash covers them
         splits = [run.config.cam_split, run.config.val_split]
