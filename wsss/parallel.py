@@ -33,6 +33,12 @@ def chunked(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[i:i + size]) for i in range(0, len(items), max(1, size))]
 
 
+def balanced_chunk_size(count: int, workers: int, most: int) -> int:
+    """Items per chunk: at most ``most`` (to amortise the round trip), and small enough for about
+    four chunks per worker (to keep every worker busy)."""
+    return max(1, min(most, -(-count // (4 * max(1, workers)))))
+
+
 def parallel_imap(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> Iterator[R]:
     """``fn`` over ``tasks`` in ``workers`` processes, results as they finish (in-process if 1).
 
@@ -67,7 +73,7 @@ def sum_in_chunks(fn: Callable[[list[T]], tuple[int, R]], items: Sequence[T], wo
     """
     from tqdm import tqdm
 
-    size = max(1, min(chunk_size, -(-len(items) // (4 * max(1, workers)))))
+    size = balanced_chunk_size(len(items), workers, chunk_size)
     total = None
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
         for done, counts in parallel_imap(fn, chunked(items, size), workers):

@@ -49,7 +49,7 @@ from wsss.options import (OptionError, add_options, check_choices, check_range, 
                           resource_values, result_params)
 from wsss.io import atomic_path
 from wsss.models.affinity import BoundaryNet
-from wsss.parallel import chunked, parallel_imap
+from wsss.parallel import balanced_chunk_size, chunked, parallel_imap
 from wsss.records import claim_folder, file_digest, folder_identity, read_record
 from wsss.stages.pseudo_labels import PseudoLabelOptions, make_pseudo_labels
 from wsss.systems.affinity import AffinitySystem, RefinePredictor
@@ -245,7 +245,7 @@ def make_crf_seeds(layout: DatasetLayout, ids: list[str], cam_files: dict[str, P
     work = partial(seed_chunk, layout=layout, cam_files=cam_files, seed_dir=seed_dir, options=options)
     workers = max(1, options.num_workers)
     with tqdm(total=len(todo), desc="CRF seeds", unit="img", disable=not progress) as bar:
-        for done in parallel_imap(work, chunked(todo, max(1, min(16, -(-len(todo) // (4 * workers))))), workers):
+        for done in parallel_imap(work, chunked(todo, balanced_chunk_size(len(todo), workers, 16)), workers):
             bar.update(done)
 
 
